@@ -1,0 +1,7 @@
+"""The op layer: typed entry points that validate their input, choose a backend
+(bmssl.backends) and call torch.ops.bmssl.* or the pure-PyTorch twin."""
+from bmssl.backends import BackendUnavailableError, available, status
+from bmssl.ops.kl_bootstrap import kl_bootstrap
+from bmssl.ops.ntxent import ntxent, ntxent_views
+
+__all__ = ["available", "status", "BackendUnavailableError", "kl_bootstrap", "ntxent", "ntxent_views"]

@@ -5,7 +5,9 @@
 The target is a stop-gradient: it is detached, as the bootstrapped target of the paper is.
 Ops: bmssl::kl_bootstrap_rows(_backward) (C++ CPU and CUDA, csrc/) and
 bmssl::kl_bootstrap_rows_triton(_backward) (bmssl/triton/kl_bootstrap.py). Both pairs get the
-same fake kernels and autograd formulas here; the backward is differentiable again.
+same fake kernels and autograd formulas here; the backward is differentiable again. The public
+function goes through KLRows, an autograd.Function with setup_context and a vmap rule, so that
+torch.func.grad and vmap (the engine's inner loop) work on every backend.
 """
 import torch
 
@@ -27,12 +29,25 @@ def _fake_rows_backward(grad_row_kl, student, target, row_lse, temperature):
     return torch.empty_like(student)
 
 
-def _register_autograd(rows_op, backward_op):
-    """Forward: d row_kl / d student = (p - q)/T via backward_op. Backward of the backward:
-    with g = grad_row_kl and v the incoming gradient of grad_student,
+def student_grad_of_grad(grad_row_kl, student, target, temperature, upstream):
+    """Backward of the backward. With g = grad_row_kl and v = upstream (the gradient arriving
+    at grad_student), p = softmax(student/T), q = softmax(target/T):
         d/dg_r      = sum_j v_rj (p_rj - q_rj) / T
         d/dstudent  = g_r / T^2 * p_r * (v_r - <p_r, v_r>)
-    written in torch ops (softmax recomputed), so it is differentiable in turn."""
+    Written in torch ops with p recomputed, so it is differentiable in turn."""
+    acc = accumulation_dtype(student.dtype)
+    p = torch.softmax(student.to(acc) / temperature, dim=-1)
+    q = torch.softmax(target.to(acc) / temperature, dim=-1)
+    v = upstream.to(acc)
+    d_grad = ((v * (p - q)).sum(-1) / temperature).to(grad_row_kl.dtype)
+    inner = (v * p).sum(-1, keepdim=True)
+    d_student = grad_row_kl.to(acc)[..., None] / temperature**2 * p * (v - inner)
+    return d_grad, d_student.to(student.dtype)
+
+
+def _register_autograd(rows_op, backward_op):
+    """Autograd of the raw ops, for callers of torch.ops.bmssl.* (torch.func goes through
+    KLRows below, because register_autograd's Function does not support functorch)."""
 
     def setup_rows(ctx, inputs, output):
         student, target, temperature = inputs
@@ -42,8 +57,7 @@ def _register_autograd(rows_op, backward_op):
 
     def backward_rows(ctx, grad_row_kl, _grad_row_lse):
         student, target, row_lse = ctx.saved_tensors
-        grad = backward_op(grad_row_kl, student, target, row_lse, ctx.temperature)
-        return grad, None, None
+        return backward_op(grad_row_kl, student, target, row_lse, ctx.temperature), None, None
 
     def setup_backward(ctx, inputs, output):
         grad_row_kl, student, target, _row_lse, temperature = inputs
@@ -52,14 +66,7 @@ def _register_autograd(rows_op, backward_op):
 
     def backward_backward(ctx, upstream):
         grad_row_kl, student, target = ctx.saved_tensors
-        t = ctx.temperature
-        acc = accumulation_dtype(student.dtype)
-        p = torch.softmax(student.to(acc) / t, dim=-1)
-        q = torch.softmax(target.to(acc) / t, dim=-1)
-        v = upstream.to(acc)
-        d_grad = ((v * (p - q)).sum(-1) / t).to(grad_row_kl.dtype)
-        inner = (v * p).sum(-1, keepdim=True)
-        d_student = (grad_row_kl.to(acc)[:, None] / (t * t) * p * (v - inner)).to(student.dtype)
+        d_grad, d_student = student_grad_of_grad(grad_row_kl, student, target, ctx.temperature, upstream)
         return d_grad, d_student, None, None, None
 
     torch.library.register_fake(rows_op)(_fake_rows)
@@ -68,12 +75,76 @@ def _register_autograd(rows_op, backward_op):
     torch.library.register_autograd(backward_op, backward_backward, setup_context=setup_backward)
 
 
-ROW_OPS = {}  # backend name -> the row op that serves it
+def _rows_first(args, in_dims, batch_size):
+    """vmap helper: move each tensor's vmapped dim to the front (expanding unbatched ones) and
+    fold it into the row dim."""
+    out = []
+    for x, dim in zip(args, in_dims):
+        x = x.movedim(dim, 0) if dim is not None else x.expand(batch_size, *x.shape)
+        out.append(x.reshape(-1, *x.shape[2:]))
+    return out
+
+
+class KLRows(torch.autograd.Function):
+    """(row_kl, row_lse) = rows_op(student [R, C], target [R, C], T), for autograd and torch.func."""
+
+    @staticmethod
+    def forward(student, target, temperature, backend):
+        return ROW_OPS[backend][0](student, target, temperature)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        student, target, temperature, backend = inputs
+        ctx.save_for_backward(student, target, output[1])
+        ctx.temperature, ctx.backend = temperature, backend
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad_row_kl, _grad_row_lse):
+        student, target, row_lse = ctx.saved_tensors
+        grad = KLRowsBackward.apply(grad_row_kl, student, target, row_lse, ctx.temperature, ctx.backend)
+        return grad, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, student, target, temperature, backend):
+        s, t = _rows_first((student, target), in_dims[:2], info.batch_size)
+        row_kl, row_lse = KLRows.apply(s, t, temperature, backend)
+        return (row_kl.reshape(info.batch_size, -1), row_lse.reshape(info.batch_size, -1, 2)), (0, 0)
+
+
+class KLRowsBackward(torch.autograd.Function):
+    """grad_student = backward_op(grad_row_kl, student, target, row_lse, T); differentiable."""
+
+    @staticmethod
+    def forward(grad_row_kl, student, target, row_lse, temperature, backend):
+        return ROW_OPS[backend][1](grad_row_kl, student, target, row_lse, temperature)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_row_kl, student, target, _row_lse, temperature, _backend = inputs
+        ctx.save_for_backward(grad_row_kl, student, target)
+        ctx.temperature = temperature
+
+    @staticmethod
+    def backward(ctx, upstream):
+        grad_row_kl, student, target = ctx.saved_tensors
+        d_grad, d_student = student_grad_of_grad(grad_row_kl, student, target, ctx.temperature, upstream)
+        return d_grad, d_student, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, grad_row_kl, student, target, row_lse, temperature, backend):
+        args = _rows_first((grad_row_kl, student, target, row_lse), in_dims[:4], info.batch_size)
+        grad = KLRowsBackward.apply(*args, temperature, backend)
+        return grad.reshape(info.batch_size, -1, grad.shape[-1]), 0
+
+
+ROW_OPS = {}  # backend name -> (rows op, its backward op)
 
 if _extension.loaded():
     _register_autograd(torch.ops.bmssl.kl_bootstrap_rows.default,
                        torch.ops.bmssl.kl_bootstrap_rows_backward.default)
-    ROW_OPS["cpu"] = ROW_OPS["cuda"] = torch.ops.bmssl.kl_bootstrap_rows
+    ROW_OPS["cpu"] = ROW_OPS["cuda"] = (torch.ops.bmssl.kl_bootstrap_rows.default,
+                                        torch.ops.bmssl.kl_bootstrap_rows_backward.default)
 
 if bmssl_triton.triton is not None:
     from bmssl.triton import kl_bootstrap as _triton_kernels
@@ -90,7 +161,7 @@ if bmssl_triton.triton is not None:
         return _triton_kernels.backward(grad_row_kl, student, target, row_lse, temperature)
 
     _register_autograd(kl_bootstrap_rows_triton, kl_bootstrap_rows_triton_backward)
-    ROW_OPS["triton"] = kl_bootstrap_rows_triton
+    ROW_OPS["triton"] = (kl_bootstrap_rows_triton, kl_bootstrap_rows_triton_backward)
 
 
 def kl_bootstrap(student: torch.Tensor, target: torch.Tensor, temperature: float = 1.0,
@@ -107,7 +178,7 @@ def kl_bootstrap(student: torch.Tensor, target: torch.Tensor, temperature: float
     if name == "torch":
         return reference.kl_bootstrap(student, target, temperature, reduction)
     classes = student.shape[-1]
-    row_kl, _ = ROW_OPS[name](student.reshape(-1, classes), target.detach().reshape(-1, classes),
-                              temperature)
+    row_kl, _ = KLRows.apply(student.reshape(-1, classes), target.detach().reshape(-1, classes),
+                             temperature, name)
     row_kl = row_kl.reshape(student.shape[:-1])
     return reference.reduce_rows(row_kl, reduction).to(student.dtype)

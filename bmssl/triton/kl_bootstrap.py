@@ -72,8 +72,9 @@ if triton is not None:
         for start in range(0, classes, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < classes
-            a = tl.load(student_ptr + base + cols, mask=mask, other=0.0).to(ACC) * inv_t
-            b = tl.load(target_ptr + base + cols, mask=mask, other=0.0).to(ACC) * inv_t
+            # masked lanes read -inf: exp(-inf) = 0, no overflow in lanes that are not stored
+            a = tl.load(student_ptr + base + cols, mask=mask, other=float("-inf")).to(ACC) * inv_t
+            b = tl.load(target_ptr + base + cols, mask=mask, other=float("-inf")).to(ACC) * inv_t
             grad = scale * (tl.exp(a - lse_a) - tl.exp(b - lse_b))
             tl.store(grad_ptr + base + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 

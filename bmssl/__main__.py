@@ -1,0 +1,5 @@
+import sys
+
+from bmssl.cli import main
+
+sys.exit(main())

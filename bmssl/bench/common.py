@@ -1,0 +1,103 @@
+"""Timing and the long-format result rows shared by every benchmark (STYLE.md §9).
+
+A row: op, provider, mode, metric, params (JSON), value, plus device, torch, triton, commit.
+Times are medians (with 20th/80th percentiles) of many repeats after warm-up; on the GPU they
+are taken with CUDA events.
+"""
+import csv
+import json
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+FIELDS = ("op", "provider", "mode", "metric", "params", "value", "device", "torch", "triton", "commit")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device, warmup=3, repeats=20, max_seconds=10.0):
+    """Median, 20th and 80th percentile wall time of fn() in milliseconds (stops repeating
+    after max_seconds, with at least three samples)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    samples, spent = [], 0.0
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - begin) * 1e3)
+        spent += samples[-1] / 1e3
+        if spent > max_seconds and len(samples) >= 3:
+            break
+    quantiles = statistics.quantiles(samples, n=5) if len(samples) > 1 else samples * 4
+    return {"median_ms": statistics.median(samples), "p20_ms": quantiles[0], "p80_ms": quantiles[3]}
+
+
+def peak_cuda_bytes(fn, device):
+    """Peak CUDA memory allocated during fn(), above what was allocated before it."""
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def commit():
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device):
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
+            "commit": commit()}
+
+
+def row(env, op, provider, mode, metric, params, value):
+    return {"op": op, "provider": provider, "mode": mode, "metric": metric,
+            "params": json.dumps(params, sort_keys=True), "value": value, **env}
+
+
+def write(rows, out_prefix):
+    """Write rows to <out_prefix>.csv and <out_prefix>.json; returns the two paths."""
+    out_prefix = Path(out_prefix)
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = out_prefix.with_suffix(".csv"), out_prefix.with_suffix(".json")
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    json_path.write_text(json.dumps(rows, indent=1) + "\n")
+    return csv_path, json_path

@@ -1,0 +1,113 @@
+"""Benchmark of kl_bootstrap: forward, backward and forward+backward per provider.
+
+Providers: "torch" (eager twin), "torch_compile" (the twin under torch.compile), and
+"bmssl-<backend>" for each compiled backend that can serve the input (the Triton interpreter is
+left out: it is a correctness tool, not a speed one).
+"""
+import argparse
+import itertools
+
+import torch
+from tqdm import tqdm
+
+from bmssl import backends, reference
+from bmssl.bench import common
+from bmssl.ops.kl_bootstrap import SUPPORT, kl_bootstrap
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def providers(device, dtype, with_compile):
+    names = ["torch"] + (["torch_compile"] if with_compile else [])
+    for backend in ("cpu", "cuda", "triton"):
+        usable = backends.input_reason(backend, SUPPORT, device, dtype) is None
+        if usable and not (backend == "triton" and device.type == "cpu"):
+            names.append(f"bmssl-{backend}")
+    return names
+
+
+def loss_fn(provider, temperature):
+    if provider == "torch":
+        return lambda s, t: reference.kl_bootstrap(s, t, temperature)
+    if provider == "torch_compile":
+        return torch.compile(lambda s, t: reference.kl_bootstrap(s, t, temperature))
+    backend = provider.removeprefix("bmssl-")
+    return lambda s, t: kl_bootstrap(s, t, temperature, backend=backend)
+
+
+def measure(provider, rows, classes, dtype, device, temperature=1.0, repeats=20):
+    """{mode: timing} for one provider and shape."""
+    fn = loss_fn(provider, temperature)
+    student = torch.randn(rows, classes, device=device, dtype=dtype, requires_grad=True)
+    target = torch.randn(rows, classes, device=device, dtype=dtype)
+    loss = fn(student, target)
+
+    def forward():
+        with torch.no_grad():
+            fn(student, target)
+
+    def backward():
+        torch.autograd.grad(loss, student, retain_graph=True)
+
+    def forward_backward():
+        torch.autograd.grad(fn(student, target), student)
+
+    result = {}
+    for mode, call in (("fwd", forward), ("bwd", backward), ("fwd+bwd", forward_backward)):
+        result[mode] = common.time_ms(call, device, repeats=repeats)
+        if device.type == "cuda":
+            result[mode]["peak_bytes"] = common.peak_cuda_bytes(call, device)
+    return result
+
+
+def run(device, rows_list, classes_list, dtypes, with_compile, repeats, progress=True):
+    env = common.environment(device)
+    grid = [(r, c, d, p) for r, c, d in itertools.product(rows_list, classes_list, dtypes)
+            for p in providers(device, DTYPES[d], with_compile)]
+    results = []
+    for rows, classes, dtype_name, provider in tqdm(grid, desc="kl_bootstrap", disable=not progress):
+        params = {"rows": rows, "classes": classes, "dtype": dtype_name}
+        timings = measure(provider, rows, classes, DTYPES[dtype_name], device, repeats=repeats)
+        for mode, stats in timings.items():
+            for metric, value in stats.items():
+                results.append(common.row(env, "kl_bootstrap", provider, mode, metric, params, value))
+    return results
+
+
+def summary(results):
+    """Lines comparing each provider's fwd+bwd median with the eager twin's."""
+    medians = {}
+    for r in results:
+        if r["mode"] == "fwd+bwd" and r["metric"] == "median_ms":
+            medians[(r["params"], r["provider"])] = r["value"]
+    lines = [f"{'shape':<44} {'provider':<16} {'fwd+bwd ms':>10} {'vs torch':>9}"]
+    for (params, provider), value in sorted(medians.items()):
+        base = medians.get((params, "torch"))
+        ratio = f"{base / value:8.2f}x" if base else ""
+        lines.append(f"{params:<44} {provider:<16} {value:10.3f} {ratio:>9}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser):
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rows", type=int, nargs="+", default=[4096, 65536])
+    parser.add_argument("--classes", type=int, nargs="+", default=[5, 20, 128])
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=sorted(DTYPES),
+                        help="default: fp32 on CPU, bf16 and fp32 on GPU")
+    parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", default="bench/results/kl_bootstrap",
+                        help="prefix of the .csv and .json written")
+
+
+def main(args=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(args) if not isinstance(args, argparse.Namespace) else args
+    device = torch.device(args.device)
+    dtypes = args.dtypes or (["fp32"] if device.type == "cpu" else ["bf16", "fp32"])
+    results = run(device, args.rows, args.classes, dtypes, not args.no_compile, args.repeats)
+    print(summary(results))
+    for path in common.write(results, args.out):
+        print(f"wrote {path}")
+    return results

@@ -1,0 +1,65 @@
+"""Backend selection: what is available, BMSSL_BACKEND, and errors that say why."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bmssl
+from bmssl import backends
+from bmssl.ops.kl_bootstrap import SUPPORT
+
+
+def test_available_lists_cpu_triton_and_torch():
+    available = bmssl.ops.available()
+    assert {"cpu", "triton", "torch"} <= set(available), bmssl.ops.status()
+    assert ("cuda" in available) == (torch.cuda.is_available() and
+                                    bmssl._extension.has_cuda_kernels())
+
+
+def test_available_in_a_fresh_process_without_triton_interpret():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", "import bmssl; print(bmssl.ops.available())"],
+                         capture_output=True, text=True, env=env, check=True).stdout
+    assert "'cpu'" in out and "'triton'" in out and "'torch'" in out
+
+
+def test_auto_prefers_the_compiled_cpu_kernel():
+    assert backends.choose(SUPPORT, torch.device("cpu"), torch.float32) == "cpu"
+
+
+def test_environment_variable_selects(monkeypatch):
+    monkeypatch.setenv("BMSSL_BACKEND", "torch")
+    assert backends.choose(SUPPORT, torch.device("cpu"), torch.float32) == "torch"
+    monkeypatch.setenv("BMSSL_BACKEND", "triton")
+    assert backends.choose(SUPPORT, torch.device("cpu"), torch.float32) == "triton"
+
+
+def test_argument_overrides_environment(monkeypatch):
+    monkeypatch.setenv("BMSSL_BACKEND", "torch")
+    assert backends.choose(SUPPORT, torch.device("cpu"), torch.float32, backend="cpu") == "cpu"
+
+
+def test_unknown_backend_is_a_value_error(monkeypatch):
+    monkeypatch.setenv("BMSSL_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="'tpu' is not a backend"):
+        bmssl.kl_bootstrap(torch.randn(2, 3), torch.randn(2, 3))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_unservable_request_lists_every_backend():
+    with pytest.raises(bmssl.ops.BackendUnavailableError) as error:
+        bmssl.kl_bootstrap(torch.randn(2, 3), torch.randn(2, 3), backend="cuda")
+    message = str(error.value)
+    assert "backend 'cuda' cannot run kl_bootstrap" in message
+    for name in backends.BACKENDS:
+        assert f"\n  {name}: " in message
+    assert "cpu: can serve it" in message
+
+
+def test_backend_results_agree():
+    student, target = torch.randn(50, 9), torch.randn(50, 9)
+    results = [bmssl.kl_bootstrap(student, target, 0.7, backend=b) for b in bmssl.ops.available()]
+    for result in results[1:]:
+        torch.testing.assert_close(result, results[0])

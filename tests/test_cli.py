@@ -1,0 +1,48 @@
+"""The bmssl console script and python -m bmssl."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "bmssl", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_help():
+    out = run("--help")
+    assert out.returncode == 0
+    assert "info" in out.stdout and "bench" in out.stdout
+
+
+def test_console_script_is_installed():
+    assert shutil.which("bmssl") or pytest.fail("the bmssl console script is not on PATH")
+    out = subprocess.run(["bmssl", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("bmssl ")
+
+
+def test_info_reports_versions_backends_and_build():
+    out = run("info")
+    assert out.returncode == 0, out.stderr
+    for needle in ("torch", "triton", "device:", "backends:", "cpu     ok", "bmssl._C: loaded",
+                   "cxx_flags"):
+        assert needle in out.stdout, (needle, out.stdout)
+
+
+def test_bench_quick_writes_results(tmp_path):
+    out = run("bench", "--quick", "--repeats", "3", "--out", str(tmp_path / "kl"))
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "kl.json").read_text())
+    providers = {r["provider"] for r in rows}
+    assert {"torch", "bmssl-cpu"} <= providers
+    assert {r["mode"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
+    assert all(r["value"] > 0 for r in rows if r["metric"] == "median_ms")
+    assert (tmp_path / "kl.csv").read_text().startswith("op,provider,mode,metric")
+
+
+def test_unknown_command_fails_clearly():
+    out = run("fly")
+    assert out.returncode != 0 and "invalid choice" in out.stderr

@@ -1,19 +1,8 @@
-// The bmssl extension module: the op namespace and what was built.
-//
-// The module is imported only for its side effect, registering the `bmssl` ops with the
-// dispatcher (schemas in csrc/<op>.cpp, kernels in csrc/cpu and csrc/cuda). It has no Python
-// functions, so it needs no pybind11: a bare PyInit keeps this file quick to compile.
-#include <Python.h>
+// The `bmssl` op namespace and what was built. Schemas of the ops are in csrc/<op>.cpp,
+// kernels in csrc/cpu and csrc/cuda; the Python module entry point is csrc/module.cpp.
 #include <torch/library.h>
 
 #include <string>
-
-extern "C" {
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
 
 namespace bmssl {
 

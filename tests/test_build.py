@@ -34,3 +34,38 @@ def test_kernels_dir_is_not_an_installed_package():
     site = Path(bmssl.__file__).resolve().parents[1]
     assert not (site / "kernels" / "__init__.py").exists()
     assert not (ROOT / "kernels" / "__init__.py").exists()
+
+
+def _cmake():
+    """A cmake new enough for CUDA 13 (>= 3.31), or None."""
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        return None
+    version = subprocess.run([cmake, "--version"], capture_output=True, text=True).stdout.split()[2]
+    return cmake if tuple(int(x) for x in version.split(".")[:2]) >= (3, 31) else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_cmake() is None, reason="needs cmake >= 3.31 (pip install 'cmake>=3.31')")
+def test_cmake_builds_the_same_sources_and_ctest_passes(tmp_path):
+    """CMakeLists.txt configures, builds the module, the C++ tests and the nvcc check (when nvcc
+    is there) from csrc/build_flags.json, and ctest passes."""
+    import sys
+
+    build = tmp_path / "cmake"
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    configure = subprocess.run([_cmake(), "-S", str(ROOT), "-B", str(build), *generator,
+                                f"-DPython3_EXECUTABLE={sys.executable}"],
+                               capture_output=True, text=True, timeout=600)
+    assert configure.returncode == 0, configure.stdout + configure.stderr
+    assert ("nvcc check of kernels/*.cu" in configure.stdout) == (NVCC is not None)
+    built = subprocess.run([_cmake(), "--build", str(build), "-j2"], capture_output=True, text=True,
+                           timeout=900)
+    assert built.returncode == 0, built.stdout[-4000:] + built.stderr[-4000:]
+    ninja_file = (build / "build.ninja").read_text() if generator else ""
+    for flag in FLAGS["cxx"]:
+        assert not generator or flag in ninja_file, f"{flag} missing from the CMake build"
+    tested = subprocess.run(["ctest", "--test-dir", str(build), "--output-on-failure"],
+                            capture_output=True, text=True, timeout=300)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert "100% tests passed" in tested.stdout

@@ -8,7 +8,7 @@ import argparse
 import itertools
 
 import torch
-from tqdm import tqdm
+from bmssl.progress import progress
 
 from bmssl import backends, reference
 from bmssl.bench import common
@@ -60,12 +60,12 @@ def measure(provider, rows, classes, dtype, device, temperature=1.0, repeats=20)
     return result
 
 
-def run(device, rows_list, classes_list, dtypes, with_compile, repeats, progress=True):
+def run(device, rows_list, classes_list, dtypes, with_compile, repeats, show_progress=True):
     env = common.environment(device)
     grid = [(r, c, d, p) for r, c, d in itertools.product(rows_list, classes_list, dtypes)
             for p in providers(device, DTYPES[d], with_compile)]
     results = []
-    for rows, classes, dtype_name, provider in tqdm(grid, desc="kl_bootstrap", disable=not progress):
+    for rows, classes, dtype_name, provider in progress(grid, desc="kl_bootstrap", disable=not show_progress):
         params = {"rows": rows, "classes": classes, "dtype": dtype_name}
         timings = measure(provider, rows, classes, DTYPES[dtype_name], device, repeats=repeats)
         for mode, stats in timings.items():

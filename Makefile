@@ -1,0 +1,42 @@
+# The two commands of the README:
+#   make demo   set up .venv, build bmssl, run the main job
+#   make test   set up .venv, build bmssl, run the whole test suite
+#
+# .venv gets the pinned CPU stack (torch 2.13.0 CPU, triton 3.6.0, numpy < 2.3). On a machine
+# whose python3 already has a CUDA torch (the GPU machine), .venv instead sees that torch
+# (--system-site-packages) and the CUDA kernels are built too.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CPU_STACK := torch==2.13.0 triton==3.6.0 "numpy<2.3"
+TOOLS := setuptools wheel ninja tqdm pytest hypothesis expecttest "cmake>=3.31"
+HAVE_CUDA_TORCH := $(shell $(PYTHON) -c "import torch, sys; sys.exit(torch.version.cuda is None)" 2>/dev/null && echo 1)
+
+.PHONY: demo test build bench clean
+
+$(VENV)/.ready:
+ifeq ($(HAVE_CUDA_TORCH),1)
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q $(TOOLS) || echo "pip could not install $(TOOLS); using what the system has"
+else
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(CPU_STACK) $(TOOLS)
+endif
+	touch $@
+
+build: $(VENV)/.ready
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+demo: build
+	$(VENV)/bin/bmssl info
+	$(VENV)/bin/bmssl bench kl_bootstrap --quick --out bench/results/tmp/demo_kl_bootstrap
+
+test: build
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q
+
+bench: build
+	$(PY) bench/bench_kl_bootstrap.py --out bench/results/tmp/kl_bootstrap
+
+clean:
+	rm -rf $(VENV) build bmssl/*.so bmssl/_build_config.json *.egg-info

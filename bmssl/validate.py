@@ -71,6 +71,10 @@ def check_ntxent(z, labels, temperature, variant) -> float:
     if labels.device != z.device:
         raise ValueError(f"{op}: z is on {z.device} but labels are on {labels.device}")
     check_choice(op, "variant", variant, VARIANTS)
+    if torch.compiler.is_compiling():
+        # Reading label values would break the graph; the compiled kernels check them instead
+        # (RuntimeError from the op: labels out of range, or an anchor with no positive).
+        return check_temperature(op, temperature)
     batch = z.shape[-2]
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= batch:

@@ -108,10 +108,15 @@ def test_low_precision_accumulates_in_fp32():
         assert abs(got.double() - exact).item() < 0.05 * exact.item()
 
 
-def test_only_the_torch_backend_serves_ntxent_yet():
+def test_torch_backend_is_the_twin():
+    z, labels = torch.randn(8, 3), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    assert bmssl.ntxent(z, labels, 0.2, backend="torch").item() == reference.ntxent(z, labels, 0.2).item()
+
+
+def test_unservable_backend_says_why():
     z, labels = torch.randn(4, 3), torch.tensor([0, 0, 1, 1])
-    with pytest.raises(bmssl.ops.BackendUnavailableError, match="no cpu kernel for ntxent yet"):
-        bmssl.ntxent(z, labels, backend="cpu")
+    with pytest.raises(bmssl.ops.BackendUnavailableError, match="cannot run ntxent"):
+        bmssl.ntxent(z, labels, backend="cuda")
 
 
 Z, LAB = torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2])

@@ -1,22 +1,179 @@
-"""bmssl.ops.ntxent: the multi-view NT-Xent (maths in bmssl/reference/ntxent.py).
+"""bmssl.ops.ntxent: the fused multi-view NT-Xent (maths in csrc/ntxent.cpp).
 
-Only the pure-PyTorch twin serves it so far; the fused kernels are issue #4. Requesting another
-backend explicitly says so.
+The op family bmssl::ntxent_forward / ntxent_backward / ntxent_double_backward works on
+L2-normalised rows u [T, B, d] and returns per-task losses; the normalisation (when asked) is
+plain torch ops before it, chained with its own backward. The public function goes through
+NTXentLoss, an autograd.Function with setup_context and a vmap rule (a vmapped dim folds into
+the task dim T), so grad, grad-of-grad, torch.func and torch.compile all work. Twice
+differentiable; a third derivative is not implemented.
 """
-from bmssl import backends, reference
+import torch
+import torch.nn.functional as F
+
+from bmssl import _extension, backends, reference
+from bmssl.reference.kl_bootstrap import accumulation_dtype
 from bmssl.validate import check_ntxent
 
-SUPPORT = backends.OpSupport(name="ntxent", backends=())
+SUPPORT = backends.OpSupport(name="ntxent", backends=("cpu",))
+
+OPS = {}  # backend -> (forward, backward, double_backward)
+
+
+def _fake_forward(u, labels, inv_tau, variant):
+    acc = accumulation_dtype(u.dtype)
+    tasks, batch = u.shape[0], u.shape[1]
+    return u.new_empty(tasks, dtype=acc), u.new_empty(tasks, 2, batch, dtype=acc)
+
+
+def _fake_backward(grad_task_loss, u, labels, row_stats, inv_tau, variant):
+    return torch.empty_like(u)
+
+
+def _fake_double_backward(grad_grad_u, grad_task_loss, u, labels, row_stats, inv_tau, variant):
+    return torch.empty_like(grad_task_loss), torch.empty_like(u)
+
+
+def _register_raw(forward, backward, double_backward):
+    """Fake kernels and autograd for callers of the raw torch.ops.bmssl.ntxent_* ops."""
+
+    def setup_forward(ctx, inputs, output):
+        u, labels, inv_tau, variant = inputs
+        ctx.save_for_backward(u, labels, output[1])
+        ctx.args = (inv_tau, variant)
+        ctx.mark_non_differentiable(output[1])
+
+    def backward_forward(ctx, grad_task_loss, _grad_stats):
+        u, labels, stats = ctx.saved_tensors
+        return backward(grad_task_loss, u, labels, stats, *ctx.args), None, None, None
+
+    def setup_backward(ctx, inputs, output):
+        grad_task_loss, u, labels, stats, inv_tau, variant = inputs
+        ctx.save_for_backward(grad_task_loss, u, labels, stats)
+        ctx.args = (inv_tau, variant)
+
+    def backward_backward(ctx, grad_grad_u):
+        grad_task_loss, u, labels, stats = ctx.saved_tensors
+        d_grad, d_u = double_backward(grad_grad_u, grad_task_loss, u, labels, stats, *ctx.args)
+        return d_grad, d_u, None, None, None, None
+
+    torch.library.register_fake(forward)(_fake_forward)
+    torch.library.register_fake(backward)(_fake_backward)
+    torch.library.register_fake(double_backward)(_fake_double_backward)
+    torch.library.register_autograd(forward, backward_forward, setup_context=setup_forward)
+    torch.library.register_autograd(backward, backward_backward, setup_context=setup_backward)
+
+
+if _extension.loaded():
+    OPS["cpu"] = OPS["cuda"] = (torch.ops.bmssl.ntxent_forward.default,
+                                torch.ops.bmssl.ntxent_backward.default,
+                                torch.ops.bmssl.ntxent_double_backward.default)
+    _register_raw(*OPS["cpu"])
+
+
+def _fold_tasks(args, in_dims, batch_size):
+    """vmap helper: move the vmapped dim to the front (expanding unbatched tensors) and fold it
+    into the leading task dim."""
+    out = []
+    for x, dim in zip(args, in_dims):
+        x = x.movedim(dim, 0) if dim is not None else x.expand(batch_size, *x.shape)
+        out.append(x.reshape(-1, *x.shape[2:]))
+    return out
+
+
+class NTXentLoss(torch.autograd.Function):
+    """task_loss [T], row_stats = ntxent_forward(u [T, B, d], labels [T, B], inv_tau, variant)."""
+
+    @staticmethod
+    def forward(u, labels, inv_tau, variant, backend):
+        return OPS[backend][0](u, labels, inv_tau, variant)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        u, labels, inv_tau, variant, backend = inputs
+        ctx.save_for_backward(u, labels, output[1])
+        ctx.args = (inv_tau, variant, backend)
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad_task_loss, _grad_stats):
+        u, labels, stats = ctx.saved_tensors
+        grad_u = NTXentBackward.apply(grad_task_loss, u, labels, stats, *ctx.args)
+        return grad_u, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, u, labels, inv_tau, variant, backend):
+        u, labels = _fold_tasks((u, labels), in_dims[:2], info.batch_size)
+        task_loss, stats = NTXentLoss.apply(u, labels, inv_tau, variant, backend)
+        return ((task_loss.reshape(info.batch_size, -1),
+                 stats.reshape(info.batch_size, -1, *stats.shape[1:])), (0, 0))
+
+
+class NTXentBackward(torch.autograd.Function):
+    """grad_u = ntxent_backward(grad_task_loss, u, labels, row_stats, ...); its backward is the
+    fused double backward (a tiled Hessian-vector product)."""
+
+    @staticmethod
+    def forward(grad_task_loss, u, labels, stats, inv_tau, variant, backend):
+        return OPS[backend][1](grad_task_loss, u, labels, stats, inv_tau, variant)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_task_loss, u, labels, stats, inv_tau, variant, backend = inputs
+        ctx.save_for_backward(grad_task_loss, u, labels, stats)
+        ctx.args = (inv_tau, variant, backend)
+
+    @staticmethod
+    def backward(ctx, grad_grad_u):
+        grad_task_loss, u, labels, stats = ctx.saved_tensors
+        d_grad, d_u = NTXentDoubleBackward.apply(grad_grad_u, grad_task_loss, u, labels, stats, *ctx.args)
+        return d_grad, d_u, None, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, grad_task_loss, u, labels, stats, inv_tau, variant, backend):
+        args = _fold_tasks((grad_task_loss, u, labels, stats), in_dims[:4], info.batch_size)
+        grad_u = NTXentBackward.apply(*args, inv_tau, variant, backend)
+        return grad_u.reshape(info.batch_size, -1, *grad_u.shape[1:]), 0
+
+
+class NTXentDoubleBackward(torch.autograd.Function):
+    """(d grad_task_loss, d u) = ntxent_double_backward(...); differentiating it raises."""
+
+    @staticmethod
+    def forward(grad_grad_u, grad_task_loss, u, labels, stats, inv_tau, variant, backend):
+        return OPS[backend][2](grad_grad_u, grad_task_loss, u, labels, stats, inv_tau, variant)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("ntxent is twice differentiable; a third derivative is not implemented")
+
+    @staticmethod
+    def vmap(info, in_dims, grad_grad_u, grad_task_loss, u, labels, stats, inv_tau, variant, backend):
+        args = _fold_tasks((grad_grad_u, grad_task_loss, u, labels, stats), in_dims[:5], info.batch_size)
+        d_grad, d_u = NTXentDoubleBackward.apply(*args, inv_tau, variant, backend)
+        return ((d_grad.reshape(info.batch_size, -1), d_u.reshape(info.batch_size, -1, *d_u.shape[1:])),
+                (0, 0))
 
 
 def ntxent(z, labels, temperature=0.1, variant="in", normalize=True, backend=None):
     """Multi-view NT-Xent. z: [B, d] or [T, B, d] embeddings (fp16/bf16/fp32/fp64).
     labels: [B] or [T, B] integers in [0, B); every label must occur at least twice.
     variant: "in" (SimCLR / paper eq. 1) or "out" (SupCon L_out). normalize: L2-normalise z
-    first. Returns the mean over anchors (and tasks) in z's dtype."""
+    first. Returns the mean over anchors (and tasks) in z's dtype, accumulated in fp32 (fp64 for
+    fp64). backend: see bmssl.backends (default: BMSSL_BACKEND or "auto")."""
     temperature = check_ntxent(z, labels, temperature, variant)
-    backends.choose(SUPPORT, z.device, z.dtype, backend)
-    return reference.ntxent(z, labels, temperature, variant, normalize)
+    name = backends.choose(SUPPORT, z.device, z.dtype, backend)
+    if name == "torch":
+        return reference.ntxent(z, labels, temperature, variant, normalize)
+    tasks_z = z if z.dim() == 3 else z.unsqueeze(0)
+    tasks_labels = (labels if labels.dim() == 2 else labels.unsqueeze(0)).long()
+    u = F.normalize(tasks_z, dim=-1) if normalize else tasks_z
+    task_loss, _ = NTXentLoss.apply(u.contiguous(), tasks_labels.contiguous(), 1.0 / temperature,
+                                    variant, name)
+    return task_loss.mean().to(z.dtype)
 
 
 def ntxent_views(views, temperature=0.1, variant="in", normalize=True, backend=None):

@@ -1,0 +1,402 @@
+// CPU kernels of the fused multi-view NT-Xent (maths in csrc/ntxent.cpp).
+//
+// Work is split into blocks of kRowBlock rows of one task; torch's OpenMP pool runs blocks in
+// parallel. A block computes S_I = U_I U^T inv_tau (one BLAS call into a [kRowBlock, B] scratch),
+// then walks its rows with vectorised loops (a polynomial exp, cloned for AVX-512, AVX2 and
+// baseline x86). Memory is O(threads * kRowBlock * B + T * B), never B x B.
+// Backward: a block owns its rows of grad_u. M_ij = G_ij + G_ji needs only the statistics of
+// rows i and j (S is symmetric), so grad_u_I = c M_I U is one BLAS call and no atomics are needed.
+// Positives P(i) come from a counting sort of the labels per task (members grouped by label).
+// Inputs arrive in the accumulation type (fp32, or fp64 for fp64); the binding casts.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define BMSSL_VECTOR_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#else
+#define BMSSL_VECTOR_CLONES
+#endif
+#define BMSSL_INLINE inline __attribute__((always_inline))
+
+namespace bmssl {
+namespace {
+
+constexpr int64_t kRowBlock = 32;
+
+// e^x for float: 2^n e^r with n = round(x log2 e), r = x - n ln 2, e^r by Cephes' degree-6
+// polynomial (about 1 ulp); 0 below -87.3. Written branch-free so loops vectorise.
+BMSSL_INLINE float exp_of(float x) {
+  const float clamped = std::min(std::max(x, -87.3f), 88.7f);
+  const float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.3f ? 0.0f : y * scale;
+}
+BMSSL_INLINE double exp_of(double x) { return std::exp(x); }
+
+// ---- row kernels: one row i of a task, s = S_i (B values), a column loop each -------------------
+
+// max and sum of e^{s_j - max} over j != i; returns lse over A(i).
+template <typename T>
+BMSSL_INLINE T row_lse_excluding(const T* s, int64_t n, int64_t i) {
+  T top = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : top)
+  for (int64_t j = 0; j < n; ++j) top = std::max(top, j == i ? -std::numeric_limits<T>::infinity() : s[j]);
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) sum += j == i ? T(0) : exp_of(s[j] - top);
+  return top + std::log(sum);
+}
+
+// m_j = p_ij + p_ji = e^{s_j - lse_i} + e^{s_j - lse_col_j}, m_i = 0.
+template <typename T>
+BMSSL_INLINE void row_p_sum(T* m, const T* s, const T* lse_col, T lse_i, int64_t n, int64_t i) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) m[j] = j == i ? T(0) : exp_of(s[j] - lse_i) + exp_of(s[j] - lse_col[j]);
+}
+
+// sum_{j != i} e^{s_j - lse_i} sdot_j
+template <typename T>
+BMSSL_INLINE T row_p_dot(const T* s, const T* sdot, T lse_i, int64_t n, int64_t i) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) sum += j == i ? T(0) : exp_of(s[j] - lse_i) * sdot[j];
+  return sum;
+}
+
+// In place: s_j <- p_ij + p_ji,  sdot_j <- p_ij (sdot_j - a_i) + p_ji (sdot_j - a_j); both 0 at j = i.
+template <typename T>
+BMSSL_INLINE void row_pp_and_h(T* s, T* sdot, const T* lse_col, const T* a_col, T lse_i, T a_i,
+                               int64_t n, int64_t i) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const T p_ij = exp_of(s[j] - lse_i), p_ji = exp_of(s[j] - lse_col[j]);
+    const T h = p_ij * (sdot[j] - a_i) + p_ji * (sdot[j] - a_col[j]);
+    s[j] = j == i ? T(0) : p_ij + p_ji;
+    sdot[j] = j == i ? T(0) : h;
+  }
+}
+
+// Clones for float (each compiled for AVX-512, AVX2 and baseline); fp64 uses the templates.
+BMSSL_VECTOR_CLONES float lse_excluding_f(const float* s, int64_t n, int64_t i) { return row_lse_excluding(s, n, i); }
+BMSSL_VECTOR_CLONES void p_sum_f(float* m, const float* s, const float* l, float li, int64_t n, int64_t i) { row_p_sum(m, s, l, li, n, i); }
+BMSSL_VECTOR_CLONES float p_dot_f(const float* s, const float* d, float li, int64_t n, int64_t i) { return row_p_dot(s, d, li, n, i); }
+BMSSL_VECTOR_CLONES void pp_and_h_f(float* s, float* d, const float* l, const float* a, float li, float ai, int64_t n, int64_t i) { row_pp_and_h(s, d, l, a, li, ai, n, i); }
+
+struct Rows {
+  static float lse_excluding(const float* s, int64_t n, int64_t i) { return lse_excluding_f(s, n, i); }
+  static double lse_excluding(const double* s, int64_t n, int64_t i) { return row_lse_excluding(s, n, i); }
+  static void p_sum(float* m, const float* s, const float* l, float li, int64_t n, int64_t i) { p_sum_f(m, s, l, li, n, i); }
+  static void p_sum(double* m, const double* s, const double* l, double li, int64_t n, int64_t i) { row_p_sum(m, s, l, li, n, i); }
+  static float p_dot(const float* s, const float* d, float li, int64_t n, int64_t i) { return p_dot_f(s, d, li, n, i); }
+  static double p_dot(const double* s, const double* d, double li, int64_t n, int64_t i) { return row_p_dot(s, d, li, n, i); }
+  static void pp_and_h(float* s, float* d, const float* l, const float* a, float li, float ai, int64_t n, int64_t i) { pp_and_h_f(s, d, l, a, li, ai, n, i); }
+  static void pp_and_h(double* s, double* d, const double* l, const double* a, double li, double ai, int64_t n, int64_t i) { row_pp_and_h(s, d, l, a, li, ai, n, i); }
+};
+
+// ---- positives: members of each label, per task (counting sort) ---------------------------------
+
+struct Groups {
+  std::vector<int64_t> members;  // [T, B]: row indices sorted by label
+  std::vector<int64_t> start;    // [T, B + 1]: members of label y are members[start[y] .. start[y+1])
+
+  Groups(const at::Tensor& labels, int64_t tasks, int64_t batch)
+      : members(tasks * batch), start(tasks * (batch + 1), 0) {
+    const int64_t* y = labels.const_data_ptr<int64_t>();
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t* yt = y + t * batch;
+      int64_t* st = start.data() + t * (batch + 1);
+      for (int64_t i = 0; i < batch; ++i) {
+        TORCH_CHECK(yt[i] >= 0 && yt[i] < batch, "ntxent: labels must lie in [0, B) = [0, ", batch,
+                    "), got ", yt[i]);
+        ++st[yt[i] + 1];
+      }
+      for (int64_t l = 0; l < batch; ++l) st[l + 1] += st[l];
+      std::vector<int64_t> fill(st, st + batch);
+      for (int64_t i = 0; i < batch; ++i) members[t * batch + fill[yt[i]]++] = i;
+      for (int64_t i = 0; i < batch; ++i)
+        TORCH_CHECK(st[yt[i] + 1] - st[yt[i]] >= 2, "ntxent: anchor ", i, " of task ", t, " (label ",
+                    yt[i], ") has no positive");
+    }
+  }
+  // Positives of row i in task t: the members of its label other than i.
+  template <typename F>
+  void for_positives(int64_t t, int64_t batch, int64_t label, int64_t i, F&& f) const {
+    const int64_t* st = start.data() + t * (batch + 1);
+    for (int64_t k = st[label]; k < st[label + 1]; ++k) {
+      const int64_t j = members[t * batch + k];
+      if (j != i) f(j);
+    }
+  }
+};
+
+bool variant_in(const std::string& variant) {
+  TORCH_CHECK(variant == "in" || variant == "out", "ntxent: variant must be \"in\" or \"out\", got ", variant);
+  return variant == "in";
+}
+
+void check_inputs(const at::Tensor& u, const at::Tensor& labels, double inv_tau) {
+  TORCH_CHECK(u.dim() == 3, "ntxent: u must be [T, B, d], got ", u.sizes());
+  TORCH_CHECK(labels.dim() == 2 && labels.size(0) == u.size(0) && labels.size(1) == u.size(1),
+              "ntxent: labels must be [T, B] = [", u.size(0), ", ", u.size(1), "], got ", labels.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "ntxent: labels must be int64");
+  TORCH_CHECK(u.device().is_cpu() && labels.device().is_cpu(), "ntxent: expects CPU tensors");
+  TORCH_CHECK(u.size(1) >= 2, "ntxent: a task needs at least 2 rows");
+  TORCH_CHECK(inv_tau > 0 && std::isfinite(inv_tau), "ntxent: inv_tau must be finite and > 0");
+}
+
+at::ScalarType acc_type_of(const at::Tensor& u) {
+  return u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Calls body(t, row0, rows, scratch...) for every block of rows, in parallel.
+template <typename F>
+void for_row_blocks(int64_t tasks, int64_t batch, F&& body) {
+  const int64_t per_task = (batch + kRowBlock - 1) / kRowBlock;
+  at::parallel_for(0, tasks * per_task, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t t = b / per_task, row0 = (b % per_task) * kRowBlock;
+      body(t, row0, std::min(kRowBlock, batch - row0));
+    }
+  });
+}
+
+// ---- forward ----------------------------------------------------------------------------------
+
+template <typename T>
+void forward_impl(const at::Tensor& u, const Groups& groups, const at::Tensor& labels, T inv_tau,
+                  bool in, at::Tensor& task_loss, at::Tensor& stats) {
+  const int64_t tasks = u.size(0), batch = u.size(1);
+  const int64_t* y = labels.const_data_ptr<int64_t>();
+  at::Tensor row_loss = at::empty({tasks, batch}, u.options());
+  T* loss = row_loss.mutable_data_ptr<T>();
+  T* st = stats.mutable_data_ptr<T>();
+  for_row_blocks(tasks, batch, [&](int64_t t, int64_t row0, int64_t rows) {
+    at::Tensor ut = u.select(0, t);
+    at::Tensor tile = at::empty({rows, batch}, u.options());
+    at::addmm_out(tile, tile, ut.narrow(0, row0, rows), ut.t(), 0, inv_tau);
+    const T* sim = tile.const_data_ptr<T>();
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = row0 + r;
+      const T* s = sim + r * batch;
+      const T lse_all = Rows::lse_excluding(s, batch, i);
+      T second, pos_term;
+      if (in) {
+        T top = -std::numeric_limits<T>::infinity(), sum = 0;
+        groups.for_positives(t, batch, y[t * batch + i], i, [&](int64_t j) { top = std::max(top, s[j]); });
+        groups.for_positives(t, batch, y[t * batch + i], i, [&](int64_t j) { sum += exp_of(s[j] - top); });
+        second = pos_term = top + std::log(sum);
+      } else {
+        T sum = 0, count = 0;
+        groups.for_positives(t, batch, y[t * batch + i], i, [&](int64_t j) { sum += s[j]; count += 1; });
+        second = count;
+        pos_term = sum / count;
+      }
+      loss[t * batch + i] = lse_all - pos_term;
+      st[(t * 2) * batch + i] = lse_all;
+      st[(t * 2 + 1) * batch + i] = second;
+    }
+  });
+  task_loss.copy_(row_loss.mean(1));
+}
+
+// ---- backward ---------------------------------------------------------------------------------
+
+template <typename T>
+void backward_impl(const at::Tensor& grad_task_loss, const at::Tensor& u, const Groups& groups,
+                   const at::Tensor& labels, const at::Tensor& stats, T inv_tau, bool in,
+                   at::Tensor& grad_u) {
+  const int64_t tasks = u.size(0), batch = u.size(1);
+  const int64_t* y = labels.const_data_ptr<int64_t>();
+  const T* g = grad_task_loss.const_data_ptr<T>();
+  const T* st = stats.const_data_ptr<T>();
+  for_row_blocks(tasks, batch, [&](int64_t t, int64_t row0, int64_t rows) {
+    at::Tensor ut = u.select(0, t);
+    at::Tensor tile = at::empty({rows, batch}, u.options());
+    at::addmm_out(tile, tile, ut.narrow(0, row0, rows), ut.t(), 0, inv_tau);
+    T* m = tile.mutable_data_ptr<T>();
+    const T* lse_all = st + (t * 2) * batch;
+    const T* second = st + (t * 2 + 1) * batch;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = row0 + r;
+      T* row = m + r * batch;
+      // row holds s_i; the q terms read s before p_sum overwrites it, so keep the positives' s
+      std::vector<std::pair<int64_t, T>> positive_s;
+      groups.for_positives(t, batch, y[t * batch + i], i, [&](int64_t j) { positive_s.emplace_back(j, row[j]); });
+      Rows::p_sum(row, row, lse_all, lse_all[i], batch, i);
+      for (const auto& [j, s_ij] : positive_s)
+        row[j] -= in ? exp_of(s_ij - second[i]) + exp_of(s_ij - second[j]) : T(1) / second[i] + T(1) / second[j];
+    }
+    at::Tensor out = grad_u.select(0, t).narrow(0, row0, rows);
+    at::addmm_out(out, out, tile, ut, 0, g[t] * inv_tau / T(batch));
+  });
+}
+
+// ---- double backward --------------------------------------------------------------------------
+
+template <typename T>
+void sdot_tile(at::Tensor& sdot, const at::Tensor& ut, const at::Tensor& vt, int64_t row0, int64_t rows, T inv_tau) {
+  at::addmm_out(sdot, sdot, vt.narrow(0, row0, rows), ut.t(), 0, inv_tau);
+  at::addmm_out(sdot, sdot, ut.narrow(0, row0, rows), vt.t(), 1, inv_tau);
+}
+
+template <typename T>
+void double_backward_impl(const at::Tensor& grad_grad_u, const at::Tensor& grad_task_loss,
+                          const at::Tensor& u, const Groups& groups, const at::Tensor& labels,
+                          const at::Tensor& stats, T inv_tau, bool in, at::Tensor& grad_grad_task,
+                          at::Tensor& grad_u) {
+  const int64_t tasks = u.size(0), batch = u.size(1);
+  const int64_t* y = labels.const_data_ptr<int64_t>();
+  const T* g = grad_task_loss.const_data_ptr<T>();
+  const T* st = stats.const_data_ptr<T>();
+  at::Tensor ab = at::empty({tasks, 2, batch}, u.options());  // a_i, b_i
+  T* ab_data = ab.mutable_data_ptr<T>();
+
+  // pass 1: a_i = sum_j p_ij sdot_ij, b_i = sum_j q_ij sdot_ij
+  for_row_blocks(tasks, batch, [&](int64_t t, int64_t row0, int64_t rows) {
+    at::Tensor ut = u.select(0, t), vt = grad_grad_u.select(0, t);
+    at::Tensor sim = at::empty({rows, batch}, u.options()), sdot = at::empty({rows, batch}, u.options());
+    at::addmm_out(sim, sim, ut.narrow(0, row0, rows), ut.t(), 0, inv_tau);
+    sdot_tile<T>(sdot, ut, vt, row0, rows, inv_tau);
+    const T *s_data = sim.const_data_ptr<T>(), *d_data = sdot.const_data_ptr<T>();
+    const T* lse_all = st + (t * 2) * batch;
+    const T* second = st + (t * 2 + 1) * batch;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = row0 + r;
+      const T *s = s_data + r * batch, *d = d_data + r * batch;
+      T b = 0;
+      groups.for_positives(t, batch, y[t * batch + i], i, [&](int64_t j) {
+        b += (in ? exp_of(s[j] - second[i]) : T(1) / second[i]) * d[j];
+      });
+      ab_data[(t * 2) * batch + i] = Rows::p_dot(s, d, lse_all[i], batch, i);
+      ab_data[(t * 2 + 1) * batch + i] = b;
+    }
+  });
+  // d/dg_t = (1/B) sum_i (a_i - b_i)
+  grad_grad_task.copy_(ab.select(1, 0).sub(ab.select(1, 1)).mean(1));
+
+  // pass 2: grad_u_I = c [(G + G^T)_I V + (H + H^T)_I U]
+  for_row_blocks(tasks, batch, [&](int64_t t, int64_t row0, int64_t rows) {
+    at::Tensor ut = u.select(0, t), vt = grad_grad_u.select(0, t);
+    at::Tensor sim = at::empty({rows, batch}, u.options()), sdot = at::empty({rows, batch}, u.options());
+    at::addmm_out(sim, sim, ut.narrow(0, row0, rows), ut.t(), 0, inv_tau);
+    sdot_tile<T>(sdot, ut, vt, row0, rows, inv_tau);
+    T *s_data = sim.mutable_data_ptr<T>(), *d_data = sdot.mutable_data_ptr<T>();
+    const T* lse_all = st + (t * 2) * batch;
+    const T* second = st + (t * 2 + 1) * batch;
+    const T* a = ab_data + (t * 2) * batch;
+    const T* b = ab_data + (t * 2 + 1) * batch;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = row0 + r;
+      T *s = s_data + r * batch, *d = d_data + r * batch;
+      std::vector<std::tuple<int64_t, T, T>> positive;  // (j, s_ij, sdot_ij) before the overwrite
+      groups.for_positives(t, batch, y[t * batch + i], i, [&](int64_t j) { positive.emplace_back(j, s[j], d[j]); });
+      Rows::pp_and_h(s, d, lse_all, a, lse_all[i], a[i], batch, i);
+      for (const auto& [j, s_ij, d_ij] : positive) {
+        if (in) {
+          const T q_ij = exp_of(s_ij - second[i]), q_ji = exp_of(s_ij - second[j]);
+          s[j] -= q_ij + q_ji;
+          d[j] -= q_ij * (d_ij - b[i]) + q_ji * (d_ij - b[j]);
+        } else {
+          s[j] -= T(1) / second[i] + T(1) / second[j];
+        }
+      }
+    }
+    const T c = g[t] * inv_tau / T(batch);
+    at::Tensor out = grad_u.select(0, t).narrow(0, row0, rows);
+    at::addmm_out(out, out, sim, vt, 0, c);
+    at::addmm_out(out, out, sdot, ut, 1, c);
+  });
+}
+
+// ---- bindings ---------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> ntxent_forward_cpu(const at::Tensor& u, const at::Tensor& labels,
+                                                      double inv_tau, c10::string_view variant) {
+  check_inputs(u, labels, inv_tau);
+  const bool in = variant_in(std::string(variant));
+  const auto acc = acc_type_of(u);
+  const at::Tensor u_acc = u.to(acc).contiguous(), y = labels.contiguous();
+  const int64_t tasks = u.size(0), batch = u.size(1);
+  const Groups groups(y, tasks, batch);
+  at::Tensor task_loss = at::empty({tasks}, u_acc.options());
+  at::Tensor stats = at::empty({tasks, 2, batch}, u_acc.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "ntxent_forward", [&] {
+    forward_impl<scalar_t>(u_acc, groups, y, scalar_t(inv_tau), in, task_loss, stats);
+  });
+  return {task_loss, stats};
+}
+
+at::Tensor ntxent_backward_cpu(const at::Tensor& grad_task_loss, const at::Tensor& u,
+                               const at::Tensor& labels, const at::Tensor& stats, double inv_tau,
+                               c10::string_view variant) {
+  check_inputs(u, labels, inv_tau);
+  const bool in = variant_in(std::string(variant));
+  const auto acc = acc_type_of(u);
+  const int64_t tasks = u.size(0), batch = u.size(1);
+  TORCH_CHECK(grad_task_loss.numel() == tasks, "ntxent_backward: grad_task_loss must have T elements");
+  TORCH_CHECK(stats.numel() == tasks * 2 * batch, "ntxent_backward: row_stats must be [T, 2, B]");
+  const at::Tensor u_acc = u.to(acc).contiguous(), y = labels.contiguous();
+  const at::Tensor g = grad_task_loss.to(acc).contiguous(), st = stats.to(acc).contiguous();
+  const Groups groups(y, tasks, batch);
+  at::Tensor grad_u = at::empty_like(u_acc);
+  AT_DISPATCH_FLOATING_TYPES(acc, "ntxent_backward", [&] {
+    backward_impl<scalar_t>(g, u_acc, groups, y, st, scalar_t(inv_tau), in, grad_u);
+  });
+  return grad_u.to(u.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> ntxent_double_backward_cpu(
+    const at::Tensor& grad_grad_u, const at::Tensor& grad_task_loss, const at::Tensor& u,
+    const at::Tensor& labels, const at::Tensor& stats, double inv_tau, c10::string_view variant) {
+  check_inputs(u, labels, inv_tau);
+  const bool in = variant_in(std::string(variant));
+  const auto acc = acc_type_of(u);
+  const int64_t tasks = u.size(0), batch = u.size(1);
+  TORCH_CHECK(grad_grad_u.sizes() == u.sizes(), "ntxent_double_backward: grad_grad_u must be like u");
+  TORCH_CHECK(grad_task_loss.numel() == tasks, "ntxent_double_backward: grad_task_loss must have T elements");
+  TORCH_CHECK(stats.numel() == tasks * 2 * batch, "ntxent_double_backward: row_stats must be [T, 2, B]");
+  const at::Tensor u_acc = u.to(acc).contiguous(), v_acc = grad_grad_u.to(acc).contiguous();
+  const at::Tensor y = labels.contiguous();
+  const at::Tensor g = grad_task_loss.to(acc).contiguous(), st = stats.to(acc).contiguous();
+  const Groups groups(y, tasks, batch);
+  at::Tensor grad_grad_task = at::empty({tasks}, u_acc.options());
+  at::Tensor grad_u = at::empty_like(u_acc);
+  AT_DISPATCH_FLOATING_TYPES(acc, "ntxent_double_backward", [&] {
+    double_backward_impl<scalar_t>(v_acc, g, u_acc, groups, y, st, scalar_t(inv_tau), in, grad_grad_task, grad_u);
+  });
+  return {grad_grad_task.to(grad_task_loss.scalar_type()), grad_u.to(u.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bmssl, CPU, m) {
+  m.impl("ntxent_forward", &ntxent_forward_cpu);
+  m.impl("ntxent_backward", &ntxent_backward_cpu);
+  m.impl("ntxent_double_backward", &ntxent_double_backward_cpu);
+}
+
+}  // namespace bmssl

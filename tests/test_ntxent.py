@@ -1,0 +1,195 @@
+"""The fused NT-Xent on every backend that serves it, against the twin: loss, gradient and
+Hessian-vector product on hypothesis-drawn shapes, the op contract (opcheck, gradcheck,
+gradgradcheck, torch.func, torch.compile) and the numerics at the edges."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import bmssl
+from bmssl import backends, reference
+from bmssl.ops.ntxent import SUPPORT
+from tolerances import assert_close_to_oracle
+
+CPU = torch.device("cpu")
+CPU_BACKENDS = [b for b in SUPPORT.backends if backends.input_reason(b, SUPPORT, CPU, torch.float32) is None]
+
+
+def random_labels(tasks, batch, classes, generator):
+    """[T, B] labels in [0, B), each label present at least twice."""
+    classes = max(1, min(classes, batch // 2))
+    rows = []
+    for _ in range(tasks):
+        labels = torch.cat([torch.arange(classes), torch.arange(classes),
+                            torch.randint(0, classes, (batch - 2 * classes,), generator=generator)])
+        rows.append(labels[torch.randperm(batch, generator=generator)])
+    return torch.stack(rows)
+
+
+def value_grad_hvp(loss_fn, z, upstream, direction):
+    """loss, d loss / dz . upstream, and the Hessian-vector product H direction."""
+    z = z.detach().requires_grad_()
+    loss = loss_fn(z)
+    (grad,) = torch.autograd.grad(loss, z, upstream.to(loss.dtype), create_graph=True)
+    (hvp,) = torch.autograd.grad(grad, z, direction.to(grad.dtype))
+    return loss, grad, hvp
+
+
+def compare(backend, z, labels, temperature, variant, normalize=True):
+    dtype = z.dtype
+    upstream = torch.randn((), dtype=torch.float64)
+    direction = torch.randn(z.shape, dtype=torch.float64)
+
+    def fused(x):
+        return bmssl.ntxent(x, labels, temperature, variant, normalize, backend=backend)
+
+    def twin(x):
+        return reference.ntxent(x, labels, temperature, variant, normalize)
+
+    oracle = value_grad_hvp(twin, z.double(), upstream, direction)
+    twin_low = value_grad_hvp(twin, z, upstream, direction)
+    got = value_grad_hvp(fused, z, upstream, direction)
+    assert got[0].dtype == dtype and got[1].dtype == dtype
+    scale = 1.0 / temperature
+    for name, g, o, t in zip(("loss", "grad", "hvp"), got, oracle, twin_low):
+        assert_close_to_oracle(g, o, t, dtype, f"{backend} {variant} {name}", scale)
+
+
+def test_cpu_backend_serves_ntxent():
+    assert "cpu" in CPU_BACKENDS, backends.status()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@given(tasks=st.sampled_from([0, 1, 3]), batch=st.integers(2, 75), dim=st.integers(1, 40),
+       classes=st.integers(1, 40), temperature=st.floats(0.05, 2.0),
+       variant=st.sampled_from(["in", "out"]), normalize=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_matches_twin_fp32(backend, tasks, batch, dim, classes, temperature, variant, normalize, seed):
+    generator = torch.Generator().manual_seed(seed)
+    labels = random_labels(max(tasks, 1), batch, classes, generator)
+    z = torch.randn(max(tasks, 1), batch, dim, generator=generator)
+    if tasks == 0:  # the [B, d] form
+        z, labels = z[0], labels[0]
+    compare(backend, z, labels, temperature, variant, normalize)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["in", "out"])
+def test_matches_twin_other_dtypes(backend, dtype, variant):
+    generator = torch.Generator().manual_seed(1)
+    for batch, dim in [(2, 1), (31, 7), (257, 33)]:
+        labels = random_labels(1, batch, batch // 3 + 1, generator)[0]
+        z = torch.randn(batch, dim, generator=generator).to(dtype)
+        compare(backend, z, labels, 0.2, variant)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("variant", ["in", "out"])
+def test_views_layout_and_two_views(backend, variant):
+    views = torch.randn(40, 2, 16)  # M = 2: both variants are plain NT-Xent
+    got = bmssl.ntxent_views(views, 0.1, variant, backend=backend)
+    expected = reference.ntxent(*reference.views_to_batch(views), 0.1, variant)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_low_temperature_near_identical_rows_stay_finite(backend, dtype):
+    """tau = 0.02 with rows that differ by 1e-3: logits near 50 and huge ratios, no NaN/Inf."""
+    base = torch.randn(1, 32)
+    z = (base + 1e-3 * torch.randn(64, 32)).to(dtype).requires_grad_()
+    labels = torch.arange(32).repeat(2)
+    for variant in ("in", "out"):
+        loss = bmssl.ntxent(z, labels, 0.02, variant, backend=backend)
+        (grad,) = torch.autograd.grad(loss, z)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all(), (variant, loss)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_contiguous_input(backend):
+    z = torch.randn(16, 40)[:, ::2]
+    labels = torch.arange(8).repeat(2)
+    compare(backend, z, labels, 0.5, "in")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("variant", ["in", "out"])
+def test_gradcheck_and_gradgradcheck(backend, variant):
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 9, 5, dtype=torch.float64, generator=generator, requires_grad=True)
+    labels = random_labels(2, 9, 3, generator)
+
+    def loss(x):
+        return bmssl.ntxent(x, labels, 0.4, variant, backend=backend)
+
+    assert torch.autograd.gradcheck(loss, (z,))
+    assert torch.autograd.gradgradcheck(loss, (z,))
+
+
+@pytest.mark.parametrize("variant", ["in", "out"])
+def test_opcheck_cpp_ops(variant):
+    generator = torch.Generator().manual_seed(0)
+    u = F.normalize(torch.randn(2, 10, 6, generator=generator), dim=-1).requires_grad_()
+    labels = random_labels(2, 10, 4, generator)
+    torch.library.opcheck(torch.ops.bmssl.ntxent_forward.default, (u, labels, 3.0, variant))
+    _, stats = torch.ops.bmssl.ntxent_forward(u, labels, 3.0, variant)
+    grad = torch.randn(2, requires_grad=True)
+    torch.library.opcheck(torch.ops.bmssl.ntxent_backward.default, (grad, u, labels, stats, 3.0, variant))
+    torch.library.opcheck(torch.ops.bmssl.ntxent_double_backward.default,
+                          (torch.randn_like(u), grad.detach(), u.detach(), labels, stats, 3.0, variant))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    z = torch.randn(24, 8, requires_grad=True)
+    labels = torch.arange(12).repeat(2)
+
+    @torch.compile(fullgraph=True)
+    def compiled(x):
+        return bmssl.ntxent(x, labels, 0.3, backend="cpu") * 3
+
+    loss = compiled(z) / 3
+    (grad,) = torch.autograd.grad(loss, z)
+    expected = reference.ntxent(z, labels, 0.3)
+    (expected_grad,) = torch.autograd.grad(expected, z)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_torch_func_vmap_grad_and_hvp(backend):
+    """The engine's pattern: vmap over tasks of grad and of a grad-of-grad, labels unbatched."""
+    z = torch.randn(3, 12, 5, dtype=torch.float64)
+    labels = torch.arange(6).repeat(2)
+    direction = torch.randn(12, 5, dtype=torch.float64)
+
+    def transforms(loss):
+        grad = torch.func.grad(loss)
+        hvp = torch.func.grad(lambda x: (grad(x) * direction).sum())
+        return torch.func.vmap(grad), torch.func.vmap(hvp)
+
+    fused = transforms(lambda x: bmssl.ntxent(x, labels, 0.3, backend=backend))
+    twin = transforms(lambda x: reference.ntxent(x, labels, 0.3))
+    for got, expected in zip(fused, twin):
+        torch.testing.assert_close(got(z), expected(z))
+
+
+def test_third_derivative_is_refused():
+    z = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    loss = bmssl.ntxent(z, labels, 0.5, backend="cpu")
+    (grad,) = torch.autograd.grad(loss, z, create_graph=True)
+    (hvp,) = torch.autograd.grad(grad.sum(), z, create_graph=True)
+    with pytest.raises(RuntimeError, match="third derivative"):
+        torch.autograd.grad(hvp.sum(), z)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_raw_op_rejects_bad_labels_without_crashing(backend):
+    u = F.normalize(torch.randn(1, 4, 3), dim=-1)
+    with pytest.raises(RuntimeError, match="labels must lie"):
+        torch.ops.bmssl.ntxent_forward(u, torch.tensor([[0, 0, 9, 9]]), 1.0, "in")
+    with pytest.raises(RuntimeError, match="has no positive"):
+        torch.ops.bmssl.ntxent_forward(u, torch.tensor([[0, 0, 1, 2]]), 1.0, "in")

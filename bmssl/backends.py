@@ -29,6 +29,7 @@ class OpSupport:
     name: str
     backends: tuple  # compiled backends that implement the op, besides "torch"
     dtypes: tuple = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    backend_dtypes: tuple = ()  # ((backend, dtypes), ...) where a backend takes fewer dtypes
     auto_cuda: tuple = ("cuda", "triton", "torch")  # auto's order for CUDA tensors
     auto_cpu: tuple = ("cpu", "torch")  # the Triton interpreter is never chosen by auto
 
@@ -68,8 +69,9 @@ def input_reason(name: str, op: OpSupport, device: torch.device, dtype: torch.dt
     reason = machine_reason(name)
     if reason:
         return reason
-    if dtype not in op.dtypes:
-        return f"{op.name} takes {', '.join(str(d) for d in op.dtypes)}, not {dtype}"
+    dtypes = dict(op.backend_dtypes).get(name, op.dtypes)
+    if dtype not in dtypes:
+        return f"the {name} kernels of {op.name} take {', '.join(str(d) for d in dtypes)}, not {dtype}"
     if name == "cpu" and device.type != "cpu":
         return f"the C++ CPU kernels take CPU tensors, these are on {device}"
     if name == "cuda" and device.type != "cuda":

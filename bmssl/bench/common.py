@@ -48,6 +48,66 @@ def time_ms(fn, device, warmup=3, repeats=20, max_seconds=10.0):
     return {"median_ms": statistics.median(samples), "p20_ms": quantiles[0], "p80_ms": quantiles[3]}
 
 
+def time_modes(loss_fn, inputs, device, repeats=20):
+    """{"fwd", "bwd", "fwd+bwd": timing} for loss_fn(inputs[0], *inputs[1:]), whose gradient is
+    taken with respect to inputs[0]. Adds peak_bytes on CUDA."""
+    leaf, rest = inputs[0], inputs[1:]
+    loss = loss_fn(leaf, *rest)
+
+    def forward():
+        with torch.no_grad():
+            loss_fn(leaf, *rest)
+
+    def backward():
+        torch.autograd.grad(loss, leaf, retain_graph=True)
+
+    def forward_backward():
+        torch.autograd.grad(loss_fn(leaf, *rest), leaf)
+
+    result = {}
+    for mode, call in (("fwd", forward), ("bwd", backward), ("fwd+bwd", forward_backward)):
+        result[mode] = time_ms(call, device, repeats=repeats)
+        if device.type == "cuda":
+            result[mode]["peak_bytes"] = peak_cuda_bytes(call, device)
+    return result
+
+
+def peak_cpu_bytes_in_subprocess(module, args, timeout=900):
+    """Peak resident-memory rise of `python -m module --memory-child args...`, which must print
+    {"peak_bytes": ...}. A fresh process per measurement, so nothing earlier hides the peak."""
+    import os
+    import sys
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(torch.get_num_threads()))
+    out = subprocess.run([sys.executable, "-m", module, "--memory-child", *map(str, args)],
+                         capture_output=True, text=True, timeout=timeout, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory child failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+def _status_bytes(field):
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_rss_rise(fn):
+    """Peak resident memory during fn() above the resident memory before it (Linux): the
+    high-water mark VmHWM is reset through /proc/self/clear_refs first, so earlier peaks (imports,
+    warm-up) do not count."""
+    import gc
+
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    before = _status_bytes("VmRSS")
+    fn()
+    return max(0, _status_bytes("VmHWM") - before)
+
+
 def peak_cuda_bytes(fn, device):
     """Peak CUDA memory allocated during fn(), above what was allocated before it."""
     _sync(device)

@@ -37,27 +37,9 @@ def loss_fn(provider, temperature):
 
 def measure(provider, rows, classes, dtype, device, temperature=1.0, repeats=20):
     """{mode: timing} for one provider and shape."""
-    fn = loss_fn(provider, temperature)
     student = torch.randn(rows, classes, device=device, dtype=dtype, requires_grad=True)
     target = torch.randn(rows, classes, device=device, dtype=dtype)
-    loss = fn(student, target)
-
-    def forward():
-        with torch.no_grad():
-            fn(student, target)
-
-    def backward():
-        torch.autograd.grad(loss, student, retain_graph=True)
-
-    def forward_backward():
-        torch.autograd.grad(fn(student, target), student)
-
-    result = {}
-    for mode, call in (("fwd", forward), ("bwd", backward), ("fwd+bwd", forward_backward)):
-        result[mode] = common.time_ms(call, device, repeats=repeats)
-        if device.type == "cuda":
-            result[mode]["peak_bytes"] = common.peak_cuda_bytes(call, device)
-    return result
+    return common.time_modes(loss_fn(provider, temperature), (student, target), device, repeats)
 
 
 def run(device, rows_list, classes_list, dtypes, with_compile, repeats, show_progress=True):

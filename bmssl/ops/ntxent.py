@@ -11,10 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from bmssl import _extension, backends, reference
+from bmssl import triton as bmssl_triton
 from bmssl.reference.kl_bootstrap import accumulation_dtype
 from bmssl.validate import check_ntxent
 
-SUPPORT = backends.OpSupport(name="ntxent", backends=("cpu",))
+SUPPORT = backends.OpSupport(
+    name="ntxent", backends=("cpu", "triton"),
+    # the Triton kernels keep fp32 statistics, so fp64 input would lose its precision there
+    backend_dtypes=(("triton", (torch.float16, torch.bfloat16, torch.float32)),))
 
 OPS = {}  # backend -> (forward, backward, double_backward)
 
@@ -68,6 +72,30 @@ if _extension.loaded():
                                 torch.ops.bmssl.ntxent_backward.default,
                                 torch.ops.bmssl.ntxent_double_backward.default)
     _register_raw(*OPS["cpu"])
+
+
+if bmssl_triton.triton is not None:
+    from bmssl.triton import ntxent as _triton_kernels
+
+    @torch.library.custom_op("bmssl::ntxent_forward_triton", mutates_args=())
+    def ntxent_forward_triton(u: torch.Tensor, labels: torch.Tensor, inv_tau: float,
+                              variant: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return _triton_kernels.forward(u, labels, inv_tau, variant)
+
+    @torch.library.custom_op("bmssl::ntxent_backward_triton", mutates_args=())
+    def ntxent_backward_triton(grad_task_loss: torch.Tensor, u: torch.Tensor, labels: torch.Tensor,
+                               row_stats: torch.Tensor, inv_tau: float, variant: str) -> torch.Tensor:
+        return _triton_kernels.backward(grad_task_loss, u, labels, row_stats, inv_tau, variant)
+
+    @torch.library.custom_op("bmssl::ntxent_double_backward_triton", mutates_args=())
+    def ntxent_double_backward_triton(grad_grad_u: torch.Tensor, grad_task_loss: torch.Tensor,
+                                      u: torch.Tensor, labels: torch.Tensor, row_stats: torch.Tensor,
+                                      inv_tau: float, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return _triton_kernels.double_backward(grad_grad_u, grad_task_loss, u, labels, row_stats,
+                                               inv_tau, variant)
+
+    OPS["triton"] = (ntxent_forward_triton, ntxent_backward_triton, ntxent_double_backward_triton)
+    _register_raw(*OPS["triton"])
 
 
 def _fold_tasks(args, in_dims, batch_size):

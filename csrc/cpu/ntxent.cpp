@@ -1,9 +1,9 @@
 // CPU kernels of the fused multi-view NT-Xent (maths in csrc/ntxent.cpp).
 //
-// Work is split into blocks of kRowBlock rows of one task; torch's OpenMP pool runs blocks in
-// parallel. A block computes S_I = U_I U^T inv_tau (one BLAS call into a [kRowBlock, B] scratch),
-// then walks its rows with vectorised loops (a polynomial exp, cloned for AVX-512, AVX2 and
-// baseline x86). Memory is O(threads * kRowBlock * B + T * B), never B x B.
+// Work goes in blocks of kRowBlock rows of one task. A block computes S_I = U_I U^T inv_tau (one
+// multi-threaded BLAS call into a [kRowBlock, B] scratch), then torch's OpenMP pool walks its rows
+// in parallel with vectorised loops (a polynomial exp, cloned for AVX-512, AVX2 and baseline
+// x86). BLAS never runs inside our parallel region. Memory is O(kRowBlock * B + T * B), never B x B.
 // Backward: a block owns its rows of grad_u. M_ij = G_ij + G_ji needs only the statistics of
 // rows i and j (S is symmetric), so grad_u_I = c M_I U is one BLAS call and no atomics are needed.
 // Positives P(i) come from a counting sort of the labels per task (members grouped by label).
@@ -35,7 +35,7 @@
 namespace bmssl {
 namespace {
 
-constexpr int64_t kRowBlock = 32;
+constexpr int64_t kRowBlock = 256;  // rows per BLAS tile: scratch is kRowBlock x B
 
 // e^x for float: 2^n e^r with n = round(x log2 e), r = x - n ln 2, e^r by Cephes' degree-6
 // polynomial (about 1 ulp); 0 below -87.3. Written branch-free so loops vectorise.
@@ -71,16 +71,17 @@ BMSSL_INLINE T row_lse_excluding(const T* s, int64_t n, int64_t i) {
   return top + std::log(sum);
 }
 
-// m_j = p_ij + p_ji = e^{s_j - lse_i} + e^{s_j - lse_col_j}, m_i = 0.
+// In place: s_j <- p_ij + p_ji = e^{s_j - lse_i} + e^{s_j - lse_col_j}, and 0 at j = i.
 template <typename T>
-BMSSL_INLINE void row_p_sum(T* m, const T* s, const T* lse_col, T lse_i, int64_t n, int64_t i) {
+BMSSL_INLINE void row_p_sum(T* __restrict__ s, const T* __restrict__ lse_col, T lse_i, int64_t n, int64_t i) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) m[j] = j == i ? T(0) : exp_of(s[j] - lse_i) + exp_of(s[j] - lse_col[j]);
+  for (int64_t j = 0; j < n; ++j) s[j] = exp_of(s[j] - lse_i) + exp_of(s[j] - lse_col[j]);
+  s[i] = 0;  // after the loop, so that the loop has no branch and vectorises
 }
 
 // sum_{j != i} e^{s_j - lse_i} sdot_j
 template <typename T>
-BMSSL_INLINE T row_p_dot(const T* s, const T* sdot, T lse_i, int64_t n, int64_t i) {
+BMSSL_INLINE T row_p_dot(const T* __restrict__ s, const T* __restrict__ sdot, T lse_i, int64_t n, int64_t i) {
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) sum += j == i ? T(0) : exp_of(s[j] - lse_i) * sdot[j];
@@ -89,28 +90,28 @@ BMSSL_INLINE T row_p_dot(const T* s, const T* sdot, T lse_i, int64_t n, int64_t 
 
 // In place: s_j <- p_ij + p_ji,  sdot_j <- p_ij (sdot_j - a_i) + p_ji (sdot_j - a_j); both 0 at j = i.
 template <typename T>
-BMSSL_INLINE void row_pp_and_h(T* s, T* sdot, const T* lse_col, const T* a_col, T lse_i, T a_i,
-                               int64_t n, int64_t i) {
+BMSSL_INLINE void row_pp_and_h(T* __restrict__ s, T* __restrict__ sdot, const T* __restrict__ lse_col,
+                               const T* __restrict__ a_col, T lse_i, T a_i, int64_t n, int64_t i) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const T p_ij = exp_of(s[j] - lse_i), p_ji = exp_of(s[j] - lse_col[j]);
-    const T h = p_ij * (sdot[j] - a_i) + p_ji * (sdot[j] - a_col[j]);
-    s[j] = j == i ? T(0) : p_ij + p_ji;
-    sdot[j] = j == i ? T(0) : h;
+    sdot[j] = p_ij * (sdot[j] - a_i) + p_ji * (sdot[j] - a_col[j]);
+    s[j] = p_ij + p_ji;
   }
+  s[i] = sdot[i] = 0;
 }
 
 // Clones for float (each compiled for AVX-512, AVX2 and baseline); fp64 uses the templates.
 BMSSL_VECTOR_CLONES float lse_excluding_f(const float* s, int64_t n, int64_t i) { return row_lse_excluding(s, n, i); }
-BMSSL_VECTOR_CLONES void p_sum_f(float* m, const float* s, const float* l, float li, int64_t n, int64_t i) { row_p_sum(m, s, l, li, n, i); }
+BMSSL_VECTOR_CLONES void p_sum_f(float* s, const float* l, float li, int64_t n, int64_t i) { row_p_sum(s, l, li, n, i); }
 BMSSL_VECTOR_CLONES float p_dot_f(const float* s, const float* d, float li, int64_t n, int64_t i) { return row_p_dot(s, d, li, n, i); }
 BMSSL_VECTOR_CLONES void pp_and_h_f(float* s, float* d, const float* l, const float* a, float li, float ai, int64_t n, int64_t i) { row_pp_and_h(s, d, l, a, li, ai, n, i); }
 
 struct Rows {
   static float lse_excluding(const float* s, int64_t n, int64_t i) { return lse_excluding_f(s, n, i); }
   static double lse_excluding(const double* s, int64_t n, int64_t i) { return row_lse_excluding(s, n, i); }
-  static void p_sum(float* m, const float* s, const float* l, float li, int64_t n, int64_t i) { p_sum_f(m, s, l, li, n, i); }
-  static void p_sum(double* m, const double* s, const double* l, double li, int64_t n, int64_t i) { row_p_sum(m, s, l, li, n, i); }
+  static void p_sum(float* s, const float* l, float li, int64_t n, int64_t i) { p_sum_f(s, l, li, n, i); }
+  static void p_sum(double* s, const double* l, double li, int64_t n, int64_t i) { row_p_sum(s, l, li, n, i); }
   static float p_dot(const float* s, const float* d, float li, int64_t n, int64_t i) { return p_dot_f(s, d, li, n, i); }
   static double p_dot(const double* s, const double* d, double li, int64_t n, int64_t i) { return row_p_dot(s, d, li, n, i); }
   static void pp_and_h(float* s, float* d, const float* l, const float* a, float li, float ai, int64_t n, int64_t i) { pp_and_h_f(s, d, l, a, li, ai, n, i); }
@@ -172,16 +173,21 @@ at::ScalarType acc_type_of(const at::Tensor& u) {
   return u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Calls body(t, row0, rows, scratch...) for every block of rows, in parallel.
-template <typename F>
-void for_row_blocks(int64_t tasks, int64_t batch, F&& body) {
-  const int64_t per_task = (batch + kRowBlock - 1) / kRowBlock;
-  at::parallel_for(0, tasks * per_task, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t t = b / per_task, row0 = (b % per_task) * kRowBlock;
-      body(t, row0, std::min(kRowBlock, batch - row0));
+// Walks the rows of every task in blocks of kRowBlock: tile(t, row0, rows) runs first, with
+// BLAS using all threads itself (never inside our parallel region, so the two thread pools do
+// not nest), then row(t, i, r) runs for each row of the block in parallel, then finish(...).
+template <typename Tile, typename Row, typename Finish>
+void for_row_blocks(int64_t tasks, int64_t batch, Tile&& tile, Row&& row, Finish&& finish) {
+  for (int64_t t = 0; t < tasks; ++t) {
+    for (int64_t row0 = 0; row0 < batch; row0 += kRowBlock) {
+      const int64_t rows = std::min(kRowBlock, batch - row0);
+      tile(t, row0, rows);
+      at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) row(t, row0 + r, r);
+      });
+      finish(t, row0, rows);
     }
-  });
+  }
 }
 
 // ---- forward ----------------------------------------------------------------------------------
@@ -192,34 +198,36 @@ void forward_impl(const at::Tensor& u, const Groups& groups, const at::Tensor& l
   const int64_t tasks = u.size(0), batch = u.size(1);
   const int64_t* y = labels.const_data_ptr<int64_t>();
   at::Tensor row_loss = at::empty({tasks, batch}, u.options());
+  at::Tensor tile = at::empty({std::min(kRowBlock, batch), batch}, u.options());
   T* loss = row_loss.mutable_data_ptr<T>();
   T* st = stats.mutable_data_ptr<T>();
-  for_row_blocks(tasks, batch, [&](int64_t t, int64_t row0, int64_t rows) {
-    at::Tensor ut = u.select(0, t);
-    at::Tensor tile = at::empty({rows, batch}, u.options());
-    at::addmm_out(tile, tile, ut.narrow(0, row0, rows), ut.t(), 0, inv_tau);
-    const T* sim = tile.const_data_ptr<T>();
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t i = row0 + r;
-      const T* s = sim + r * batch;
-      const T lse_all = Rows::lse_excluding(s, batch, i);
-      T second, pos_term;
-      if (in) {
-        T top = -std::numeric_limits<T>::infinity(), sum = 0;
-        groups.for_positives(t, batch, y[t * batch + i], i, [&](int64_t j) { top = std::max(top, s[j]); });
-        groups.for_positives(t, batch, y[t * batch + i], i, [&](int64_t j) { sum += exp_of(s[j] - top); });
-        second = pos_term = top + std::log(sum);
-      } else {
-        T sum = 0, count = 0;
-        groups.for_positives(t, batch, y[t * batch + i], i, [&](int64_t j) { sum += s[j]; count += 1; });
-        second = count;
-        pos_term = sum / count;
-      }
-      loss[t * batch + i] = lse_all - pos_term;
-      st[(t * 2) * batch + i] = lse_all;
-      st[(t * 2 + 1) * batch + i] = second;
-    }
-  });
+  const T* sim = tile.const_data_ptr<T>();
+  for_row_blocks(
+      tasks, batch,
+      [&](int64_t t, int64_t row0, int64_t rows) {  // S_I = U_I U^T inv_tau
+        at::Tensor ut = u.select(0, t), out = tile.narrow(0, 0, rows);
+        at::addmm_out(out, out, ut.narrow(0, row0, rows), ut.t(), 0, inv_tau);
+      },
+      [&](int64_t t, int64_t i, int64_t r) {
+        const T* s = sim + r * batch;
+        const T lse_all = Rows::lse_excluding(s, batch, i);
+        T second, pos_term;
+        if (in) {
+          T top = -std::numeric_limits<T>::infinity(), sum = 0;
+          groups.for_positives(t, batch, y[t * batch + i], i, [&](int64_t j) { top = std::max(top, s[j]); });
+          groups.for_positives(t, batch, y[t * batch + i], i, [&](int64_t j) { sum += exp_of(s[j] - top); });
+          second = pos_term = top + std::log(sum);
+        } else {
+          T sum = 0, count = 0;
+          groups.for_positives(t, batch, y[t * batch + i], i, [&](int64_t j) { sum += s[j]; count += 1; });
+          second = count;
+          pos_term = sum / count;
+        }
+        loss[t * batch + i] = lse_all - pos_term;
+        st[(t * 2) * batch + i] = lse_all;
+        st[(t * 2 + 1) * batch + i] = second;
+      },
+      [](int64_t, int64_t, int64_t) {});
   task_loss.copy_(row_loss.mean(1));
 }
 
@@ -233,34 +241,41 @@ void backward_impl(const at::Tensor& grad_task_loss, const at::Tensor& u, const 
   const int64_t* y = labels.const_data_ptr<int64_t>();
   const T* g = grad_task_loss.const_data_ptr<T>();
   const T* st = stats.const_data_ptr<T>();
-  for_row_blocks(tasks, batch, [&](int64_t t, int64_t row0, int64_t rows) {
-    at::Tensor ut = u.select(0, t);
-    at::Tensor tile = at::empty({rows, batch}, u.options());
-    at::addmm_out(tile, tile, ut.narrow(0, row0, rows), ut.t(), 0, inv_tau);
-    T* m = tile.mutable_data_ptr<T>();
-    const T* lse_all = st + (t * 2) * batch;
-    const T* second = st + (t * 2 + 1) * batch;
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t i = row0 + r;
-      T* row = m + r * batch;
-      // row holds s_i; the q terms read s before p_sum overwrites it, so keep the positives' s
-      std::vector<std::pair<int64_t, T>> positive_s;
-      groups.for_positives(t, batch, y[t * batch + i], i, [&](int64_t j) { positive_s.emplace_back(j, row[j]); });
-      Rows::p_sum(row, row, lse_all, lse_all[i], batch, i);
-      for (const auto& [j, s_ij] : positive_s)
-        row[j] -= in ? exp_of(s_ij - second[i]) + exp_of(s_ij - second[j]) : T(1) / second[i] + T(1) / second[j];
-    }
-    at::Tensor out = grad_u.select(0, t).narrow(0, row0, rows);
-    at::addmm_out(out, out, tile, ut, 0, g[t] * inv_tau / T(batch));
-  });
+  at::Tensor tile = at::empty({std::min(kRowBlock, batch), batch}, u.options());
+  T* m = tile.mutable_data_ptr<T>();
+  for_row_blocks(
+      tasks, batch,
+      [&](int64_t t, int64_t row0, int64_t rows) {  // S_I
+        at::Tensor ut = u.select(0, t), out = tile.narrow(0, 0, rows);
+        at::addmm_out(out, out, ut.narrow(0, row0, rows), ut.t(), 0, inv_tau);
+      },
+      [&](int64_t t, int64_t i, int64_t r) {  // row i of M = G + G^T, in place over s_i
+        const T* lse_all = st + (t * 2) * batch;
+        const T* second = st + (t * 2 + 1) * batch;
+        T* row = m + r * batch;
+        // the q terms need s_ij of the positives, which p_sum overwrites: read them first
+        std::vector<std::pair<int64_t, T>> positive_s;
+        groups.for_positives(t, batch, y[t * batch + i], i, [&](int64_t j) { positive_s.emplace_back(j, row[j]); });
+        Rows::p_sum(row, lse_all, lse_all[i], batch, i);
+        for (const auto& [j, s_ij] : positive_s)
+          row[j] -= in ? exp_of(s_ij - second[i]) + exp_of(s_ij - second[j]) : T(1) / second[i] + T(1) / second[j];
+      },
+      [&](int64_t t, int64_t row0, int64_t rows) {  // grad_u_I = c M_I U
+        at::Tensor ut = u.select(0, t), out = grad_u.select(0, t).narrow(0, row0, rows);
+        at::addmm_out(out, out, tile.narrow(0, 0, rows), ut, 0, g[t] * inv_tau / T(batch));
+      });
 }
 
 // ---- double backward --------------------------------------------------------------------------
 
+// S_I and SDOT_I = (V_I U^T + U_I V^T) inv_tau into the two scratch tiles.
 template <typename T>
-void sdot_tile(at::Tensor& sdot, const at::Tensor& ut, const at::Tensor& vt, int64_t row0, int64_t rows, T inv_tau) {
-  at::addmm_out(sdot, sdot, vt.narrow(0, row0, rows), ut.t(), 0, inv_tau);
-  at::addmm_out(sdot, sdot, ut.narrow(0, row0, rows), vt.t(), 1, inv_tau);
+void sim_and_sdot_tiles(at::Tensor& sim, at::Tensor& sdot, const at::Tensor& ut, const at::Tensor& vt,
+                        int64_t row0, int64_t rows, T inv_tau) {
+  at::Tensor s = sim.narrow(0, 0, rows), d = sdot.narrow(0, 0, rows);
+  at::addmm_out(s, s, ut.narrow(0, row0, rows), ut.t(), 0, inv_tau);
+  at::addmm_out(d, d, vt.narrow(0, row0, rows), ut.t(), 0, inv_tau);
+  at::addmm_out(d, d, ut.narrow(0, row0, rows), vt.t(), 1, inv_tau);
 }
 
 template <typename T>
@@ -274,62 +289,59 @@ void double_backward_impl(const at::Tensor& grad_grad_u, const at::Tensor& grad_
   const T* st = stats.const_data_ptr<T>();
   at::Tensor ab = at::empty({tasks, 2, batch}, u.options());  // a_i, b_i
   T* ab_data = ab.mutable_data_ptr<T>();
+  at::Tensor sim = at::empty({std::min(kRowBlock, batch), batch}, u.options());
+  at::Tensor sdot = at::empty_like(sim);
+  T *s_data = sim.mutable_data_ptr<T>(), *d_data = sdot.mutable_data_ptr<T>();
+  auto tiles = [&](int64_t t, int64_t row0, int64_t rows) {
+    sim_and_sdot_tiles<T>(sim, sdot, u.select(0, t), grad_grad_u.select(0, t), row0, rows, inv_tau);
+  };
 
   // pass 1: a_i = sum_j p_ij sdot_ij, b_i = sum_j q_ij sdot_ij
-  for_row_blocks(tasks, batch, [&](int64_t t, int64_t row0, int64_t rows) {
-    at::Tensor ut = u.select(0, t), vt = grad_grad_u.select(0, t);
-    at::Tensor sim = at::empty({rows, batch}, u.options()), sdot = at::empty({rows, batch}, u.options());
-    at::addmm_out(sim, sim, ut.narrow(0, row0, rows), ut.t(), 0, inv_tau);
-    sdot_tile<T>(sdot, ut, vt, row0, rows, inv_tau);
-    const T *s_data = sim.const_data_ptr<T>(), *d_data = sdot.const_data_ptr<T>();
-    const T* lse_all = st + (t * 2) * batch;
-    const T* second = st + (t * 2 + 1) * batch;
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t i = row0 + r;
-      const T *s = s_data + r * batch, *d = d_data + r * batch;
-      T b = 0;
-      groups.for_positives(t, batch, y[t * batch + i], i, [&](int64_t j) {
-        b += (in ? exp_of(s[j] - second[i]) : T(1) / second[i]) * d[j];
-      });
-      ab_data[(t * 2) * batch + i] = Rows::p_dot(s, d, lse_all[i], batch, i);
-      ab_data[(t * 2 + 1) * batch + i] = b;
-    }
-  });
+  for_row_blocks(
+      tasks, batch, tiles,
+      [&](int64_t t, int64_t i, int64_t r) {
+        const T *s = s_data + r * batch, *d = d_data + r * batch;
+        const T* lse_all = st + (t * 2) * batch;
+        const T* second = st + (t * 2 + 1) * batch;
+        T b = 0;
+        groups.for_positives(t, batch, y[t * batch + i], i, [&](int64_t j) {
+          b += (in ? exp_of(s[j] - second[i]) : T(1) / second[i]) * d[j];
+        });
+        ab_data[(t * 2) * batch + i] = Rows::p_dot(s, d, lse_all[i], batch, i);
+        ab_data[(t * 2 + 1) * batch + i] = b;
+      },
+      [](int64_t, int64_t, int64_t) {});
   // d/dg_t = (1/B) sum_i (a_i - b_i)
   grad_grad_task.copy_(ab.select(1, 0).sub(ab.select(1, 1)).mean(1));
 
   // pass 2: grad_u_I = c [(G + G^T)_I V + (H + H^T)_I U]
-  for_row_blocks(tasks, batch, [&](int64_t t, int64_t row0, int64_t rows) {
-    at::Tensor ut = u.select(0, t), vt = grad_grad_u.select(0, t);
-    at::Tensor sim = at::empty({rows, batch}, u.options()), sdot = at::empty({rows, batch}, u.options());
-    at::addmm_out(sim, sim, ut.narrow(0, row0, rows), ut.t(), 0, inv_tau);
-    sdot_tile<T>(sdot, ut, vt, row0, rows, inv_tau);
-    T *s_data = sim.mutable_data_ptr<T>(), *d_data = sdot.mutable_data_ptr<T>();
-    const T* lse_all = st + (t * 2) * batch;
-    const T* second = st + (t * 2 + 1) * batch;
-    const T* a = ab_data + (t * 2) * batch;
-    const T* b = ab_data + (t * 2 + 1) * batch;
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t i = row0 + r;
-      T *s = s_data + r * batch, *d = d_data + r * batch;
-      std::vector<std::tuple<int64_t, T, T>> positive;  // (j, s_ij, sdot_ij) before the overwrite
-      groups.for_positives(t, batch, y[t * batch + i], i, [&](int64_t j) { positive.emplace_back(j, s[j], d[j]); });
-      Rows::pp_and_h(s, d, lse_all, a, lse_all[i], a[i], batch, i);
-      for (const auto& [j, s_ij, d_ij] : positive) {
-        if (in) {
-          const T q_ij = exp_of(s_ij - second[i]), q_ji = exp_of(s_ij - second[j]);
-          s[j] -= q_ij + q_ji;
-          d[j] -= q_ij * (d_ij - b[i]) + q_ji * (d_ij - b[j]);
-        } else {
-          s[j] -= T(1) / second[i] + T(1) / second[j];
+  for_row_blocks(
+      tasks, batch, tiles,
+      [&](int64_t t, int64_t i, int64_t r) {
+        T *s = s_data + r * batch, *d = d_data + r * batch;
+        const T* lse_all = st + (t * 2) * batch;
+        const T* second = st + (t * 2 + 1) * batch;
+        const T* a = ab_data + (t * 2) * batch;
+        const T* b = ab_data + (t * 2 + 1) * batch;
+        std::vector<std::tuple<int64_t, T, T>> positive;  // (j, s_ij, sdot_ij) before the overwrite
+        groups.for_positives(t, batch, y[t * batch + i], i, [&](int64_t j) { positive.emplace_back(j, s[j], d[j]); });
+        Rows::pp_and_h(s, d, lse_all, a, lse_all[i], a[i], batch, i);
+        for (const auto& [j, s_ij, d_ij] : positive) {
+          if (in) {
+            const T q_ij = exp_of(s_ij - second[i]), q_ji = exp_of(s_ij - second[j]);
+            s[j] -= q_ij + q_ji;
+            d[j] -= q_ij * (d_ij - b[i]) + q_ji * (d_ij - b[j]);
+          } else {
+            s[j] -= T(1) / second[i] + T(1) / second[j];
+          }
         }
-      }
-    }
-    const T c = g[t] * inv_tau / T(batch);
-    at::Tensor out = grad_u.select(0, t).narrow(0, row0, rows);
-    at::addmm_out(out, out, sim, vt, 0, c);
-    at::addmm_out(out, out, sdot, ut, 1, c);
-  });
+      },
+      [&](int64_t t, int64_t row0, int64_t rows) {
+        const T c = g[t] * inv_tau / T(batch);
+        at::Tensor out = grad_u.select(0, t).narrow(0, row0, rows);
+        at::addmm_out(out, out, sim.narrow(0, 0, rows), grad_grad_u.select(0, t), 0, c);
+        at::addmm_out(out, out, sdot.narrow(0, 0, rows), u.select(0, t), 1, c);
+      });
 }
 
 // ---- bindings ---------------------------------------------------------------------------------

@@ -1,0 +1,129 @@
+"""Benchmark of the multi-view NT-Xent: forward, backward, forward+backward and peak memory.
+
+Providers: "torch" (the eager twin: builds the B x B matrix), "torch_compile" (the twin under
+torch.compile) and "bmssl-<backend>" for each compiled backend that can serve the input.
+Peak memory: on CUDA the allocator's peak; on CPU the peak resident-memory rise of a fresh
+process that runs one forward+backward (python -m bmssl.bench.ntxent --memory-child ...).
+"""
+import argparse
+import itertools
+import sys
+
+import torch
+
+from bmssl import backends, reference
+from bmssl.bench import common
+from bmssl.ops.ntxent import SUPPORT, ntxent
+from bmssl.progress import progress
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def providers(device, dtype, with_compile):
+    names = ["torch"] + (["torch_compile"] if with_compile else [])
+    for backend in ("cpu", "cuda", "triton"):
+        usable = backends.input_reason(backend, SUPPORT, device, dtype) is None
+        if usable and not (backend == "triton" and device.type == "cpu"):
+            names.append(f"bmssl-{backend}")
+    return names
+
+
+def loss_fn(provider, temperature, variant):
+    if provider == "torch":
+        return lambda z, labels: reference.ntxent(z, labels, temperature, variant)
+    if provider == "torch_compile":
+        return torch.compile(lambda z, labels: reference.ntxent(z, labels, temperature, variant))
+    backend = provider.removeprefix("bmssl-")
+    return lambda z, labels: ntxent(z, labels, temperature, variant, backend=backend)
+
+
+def inputs(batch, dim, views, dtype, device, seed=0):
+    generator = torch.Generator(device=device).manual_seed(seed)
+    z = torch.randn(batch, dim, device=device, generator=generator).to(dtype).requires_grad_()
+    labels = torch.arange(batch // views, device=device).repeat_interleave(views)
+    return z, labels
+
+
+def memory_child(argv):
+    """One forward+backward in this fresh process; prints its peak RSS rise as JSON."""
+    import json
+
+    provider, batch, dim, views, dtype_name, variant = argv
+    fn = loss_fn(provider, 0.1, variant)
+    z, labels = inputs(int(batch), int(dim), int(views), DTYPES[dtype_name], torch.device("cpu"))
+    torch.autograd.grad(fn(z, labels), z)  # warm-up (compiles, first allocations)
+    peak = common.peak_rss_rise(lambda: torch.autograd.grad(fn(z, labels), z))
+    print(json.dumps({"peak_bytes": peak}))
+
+
+def run(device, batches, dims, views_list, dtypes, variant, with_compile, repeats, memory=True,
+        show_progress=True):
+    env = common.environment(device)
+    grid = [(b, d, m, t, p) for b, d, m, t in itertools.product(batches, dims, views_list, dtypes)
+            for p in providers(device, DTYPES[t], with_compile)]
+    results = []
+    for batch, dim, views, dtype_name, provider in progress(grid, desc="ntxent", disable=not show_progress):
+        params = {"B": batch, "d": dim, "M": views, "dtype": dtype_name, "variant": variant}
+        z, labels = inputs(batch, dim, views, DTYPES[dtype_name], device)
+        timings = common.time_modes(loss_fn(provider, 0.1, variant), (z, labels), device, repeats)
+        if memory and device.type == "cpu":
+            timings["fwd+bwd"]["peak_bytes"] = common.peak_cpu_bytes_in_subprocess(
+                "bmssl.bench.ntxent", [provider, batch, dim, views, dtype_name, variant])
+        for mode, stats in timings.items():
+            for metric, value in stats.items():
+                results.append(common.row(env, "ntxent", provider, mode, metric, params, value))
+    return results
+
+
+def summary(results):
+    """fwd+bwd median and peak memory of each provider, with ratios to the eager twin."""
+    table = {}
+    for r in results:
+        if r["mode"] == "fwd+bwd" and r["metric"] in ("median_ms", "peak_bytes"):
+            table.setdefault((r["params"], r["provider"]), {})[r["metric"]] = r["value"]
+    lines = [f"{'shape':<58} {'provider':<14} {'fwd+bwd ms':>10} {'speedup':>8} {'peak MB':>9} {'mem %':>6}"]
+    for (params, provider), row in sorted(table.items()):
+        base = table.get((params, "torch"), {})
+        speed = f"{base['median_ms'] / row['median_ms']:7.2f}x" if base.get("median_ms") else ""
+        peak = row.get("peak_bytes")
+        mem = f"{100 * peak / base['peak_bytes']:5.1f}%" if peak is not None and base.get("peak_bytes") else ""
+        peak_mb = f"{peak / 2**20:9.1f}" if peak is not None else ""
+        lines.append(f"{params:<58} {provider:<14} {row['median_ms']:10.2f} {speed:>8} {peak_mb:>9} {mem:>6}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser):
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batches", type=int, nargs="+", default=None,
+                        help="default: 1024 4096 8192 on CPU, 4096 16384 65536 on GPU")
+    parser.add_argument("--dims", type=int, nargs="+", default=[128])
+    parser.add_argument("--views", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=sorted(DTYPES),
+                        help="default: fp32 on CPU, bf16 on GPU")
+    parser.add_argument("--variant", default="in", choices=["in", "out"])
+    parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
+    parser.add_argument("--no-memory", action="store_true", help="skip the CPU memory subprocesses")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", default="bench/results/ntxent", help="prefix of the .csv and .json")
+
+
+def main(args=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(args) if not isinstance(args, argparse.Namespace) else args
+    device = torch.device(args.device)
+    batches = args.batches or ([1024, 4096, 8192] if device.type == "cpu" else [4096, 16384, 65536])
+    dtypes = args.dtypes or (["fp32"] if device.type == "cpu" else ["bf16"])
+    results = run(device, batches, args.dims, args.views, dtypes, args.variant, not args.no_compile,
+                  args.repeats, memory=not args.no_memory)
+    print(summary(results))
+    for path in common.write(results, args.out):
+        print(f"wrote {path}")
+    return results
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--memory-child":
+        memory_child(sys.argv[2:])
+    else:
+        main()

@@ -9,7 +9,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CPU_STACK := torch==2.13.0 triton==3.6.0 "numpy<2.3"
-TOOLS := setuptools wheel ninja tqdm pytest hypothesis expecttest "cmake>=3.31"
+TOOLS := setuptools wheel ninja tqdm pillow matplotlib pytest hypothesis expecttest "cmake>=3.31"
 HAVE_CUDA_TORCH := $(shell $(PYTHON) -c "import torch, sys; sys.exit(torch.version.cuda is None)" 2>/dev/null && echo 1)
 
 .PHONY: demo test build bench clean

@@ -89,3 +89,38 @@ def check_ntxent(z, labels, temperature, variant) -> float:
         raise ValueError(f"{op}: {where} (label {int(tasks[task, anchor])}) has no positive: every "
                          f"label must occur at least twice ({lonely.numel()} anchors have none)")
     return check_temperature(op, temperature)
+
+
+def check_ntxent_rect(z_rows, z_cols, labels_rows, labels_cols, row_offset, temperature, variant) -> float:
+    """z_rows [R, d] are columns row_offset .. row_offset + R - 1 of z_cols [N, d]; integer labels
+    in [0, N); every row needs a positive among the columns other than itself."""
+    op = "ntxent_rect"
+    check_float_tensor(op, "z_rows", z_rows)
+    check_float_tensor(op, "z_cols", z_cols)
+    if z_rows.dim() != 2 or z_cols.dim() != 2 or z_rows.shape[1] != z_cols.shape[1]:
+        raise ValueError(f"{op}: z_rows [R, d] and z_cols [N, d] must share d, got "
+                         f"{tuple(z_rows.shape)} and {tuple(z_cols.shape)}")
+    if z_rows.dtype != z_cols.dtype or z_rows.device != z_cols.device:
+        raise ValueError(f"{op}: z_rows and z_cols must share dtype and device")
+    if z_rows.numel() == 0:
+        raise ValueError(f"{op}: empty batch")
+    if not 0 <= row_offset <= z_cols.shape[0] - z_rows.shape[0]:
+        raise ValueError(f"{op}: row_offset {row_offset} does not place {z_rows.shape[0]} rows inside "
+                         f"{z_cols.shape[0]} columns")
+    for name, labels, size in (("labels_rows", labels_rows, z_rows.shape[0]), ("labels_cols", labels_cols, z_cols.shape[0])):
+        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.shape != (size,):
+            raise ValueError(f"{op}: {name} must be an integer tensor of shape ({size},)")
+        if labels.device != z_rows.device:
+            raise ValueError(f"{op}: {name} are on {labels.device}, z on {z_rows.device}")
+    check_choice(op, "variant", variant, VARIANTS)
+    if not torch.compiler.is_compiling():
+        columns = z_cols.shape[0]
+        if int(labels_cols.min()) < 0 or int(labels_cols.max()) >= columns:
+            raise ValueError(f"{op}: labels must lie in [0, N) = [0, {columns})")
+        if not torch.equal(labels_cols[row_offset:row_offset + z_rows.shape[0]], labels_rows):
+            raise ValueError(f"{op}: labels_rows must equal labels_cols[row_offset:row_offset + R]")
+        counts = torch.bincount(labels_cols.long(), minlength=columns)
+        lonely = (counts[labels_rows.long()] < 2).nonzero()
+        if lonely.numel():
+            raise ValueError(f"{op}: row {int(lonely[0])} has no positive among the columns")
+    return check_temperature(op, temperature)

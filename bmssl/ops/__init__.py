@@ -2,6 +2,6 @@
 (bmssl.backends) and call torch.ops.bmssl.* or the pure-PyTorch twin."""
 from bmssl.backends import BackendUnavailableError, available, status
 from bmssl.ops.kl_bootstrap import kl_bootstrap
-from bmssl.ops.ntxent import ntxent, ntxent_views
+from bmssl.ops.ntxent import ntxent, ntxent_rect, ntxent_views
 
-__all__ = ["available", "status", "BackendUnavailableError", "kl_bootstrap", "ntxent", "ntxent_views"]
+__all__ = ["available", "status", "BackendUnavailableError", "kl_bootstrap", "ntxent", "ntxent_rect", "ntxent_views"]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from bmssl import _extension, backends, reference
 from bmssl import triton as bmssl_triton
 from bmssl.reference.kl_bootstrap import accumulation_dtype
-from bmssl.validate import check_ntxent
+from bmssl.validate import check_ntxent, check_ntxent_rect
 
 SUPPORT = backends.OpSupport(
     name="ntxent", backends=("cpu", "triton"),
@@ -72,6 +72,65 @@ if _extension.loaded():
                                 torch.ops.bmssl.ntxent_backward.default,
                                 torch.ops.bmssl.ntxent_double_backward.default)
     _register_raw(*OPS["cpu"])
+
+
+RECT_SUPPORT = backends.OpSupport(name="ntxent_rect", backends=("cpu",))
+RECT_OPS = {}
+
+if _extension.loaded():
+    RECT_OPS["cpu"] = (torch.ops.bmssl.ntxent_rect_forward.default, torch.ops.bmssl.ntxent_rect_backward.default)
+
+    @torch.library.register_fake("bmssl::ntxent_rect_forward")
+    def _fake_rect_forward(u_rows, u_cols, labels_rows, labels_cols, row_offset, inv_tau, variant):
+        acc = accumulation_dtype(u_rows.dtype)
+        return u_rows.new_empty((), dtype=acc), u_rows.new_empty(2, u_rows.shape[0], dtype=acc)
+
+    @torch.library.register_fake("bmssl::ntxent_rect_backward")
+    def _fake_rect_backward(grad_loss, u_rows, u_cols, labels_rows, labels_cols, stats, row_offset,
+                            inv_tau, variant):
+        return torch.empty_like(u_rows), torch.empty_like(u_cols)
+
+
+class NTXentRect(torch.autograd.Function):
+    """loss, stats = ntxent_rect_forward(u_rows, u_cols, ...); once differentiable."""
+
+    @staticmethod
+    def forward(u_rows, u_cols, labels_rows, labels_cols, row_offset, inv_tau, variant, backend):
+        return RECT_OPS[backend][0](u_rows, u_cols, labels_rows, labels_cols, row_offset, inv_tau, variant)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        u_rows, u_cols, labels_rows, labels_cols, row_offset, inv_tau, variant, backend = inputs
+        ctx.save_for_backward(u_rows, u_cols, labels_rows, labels_cols, output[1])
+        ctx.args = (row_offset, inv_tau, variant, backend)
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        u_rows, u_cols, labels_rows, labels_cols, stats = ctx.saved_tensors
+        row_offset, inv_tau, variant, backend = ctx.args
+        grad_rows, grad_cols = RECT_OPS[backend][1](grad_loss, u_rows, u_cols, labels_rows, labels_cols,
+                                                    stats, row_offset, inv_tau, variant)
+        return grad_rows, grad_cols, None, None, None, None, None, None
+
+
+def ntxent_rect(z_rows, z_cols, labels_rows, labels_cols, row_offset, temperature=0.1, variant="in",
+                normalize=True, backend=None):
+    """Rectangular NT-Xent: anchors z_rows [R, d], which are the columns row_offset ..
+    row_offset + R - 1 of z_cols [N, d], against all N columns (for negatives gathered across
+    ranks: see bmssl.distributed). labels_* integers in [0, N). Mean over the R anchors; the
+    gradient reaches z_rows and z_cols. Once differentiable."""
+    temperature = check_ntxent_rect(z_rows, z_cols, labels_rows, labels_cols, row_offset, temperature, variant)
+    name = backends.choose(RECT_SUPPORT, z_rows.device, z_rows.dtype, backend)
+    if name == "torch":
+        return reference.ntxent_rect(z_rows, z_cols, labels_rows, labels_cols, row_offset, temperature,
+                                     variant, normalize)
+    u_rows = F.normalize(z_rows, dim=-1) if normalize else z_rows
+    u_cols = F.normalize(z_cols, dim=-1) if normalize else z_cols
+    loss, _ = NTXentRect.apply(u_rows.contiguous(), u_cols.contiguous(), labels_rows.long().contiguous(),
+                               labels_cols.long().contiguous(), int(row_offset), 1.0 / temperature,
+                               variant, name)
+    return loss.to(z_rows.dtype)
 
 
 if bmssl_triton.triton is not None:

@@ -1,6 +1,6 @@
 """Pure-PyTorch twins of every bmssl op: the fallback, the oracle in tests, the baseline in
 benchmarks. Written for clarity, not speed."""
 from bmssl.reference.kl_bootstrap import kl_bootstrap, kl_bootstrap_rows, reduce_rows
-from bmssl.reference.ntxent import ntxent, views_to_batch
+from bmssl.reference.ntxent import ntxent, ntxent_rect, views_to_batch
 
-__all__ = ["kl_bootstrap", "kl_bootstrap_rows", "reduce_rows", "ntxent", "views_to_batch"]
+__all__ = ["kl_bootstrap", "kl_bootstrap_rows", "reduce_rows", "ntxent", "ntxent_rect", "views_to_batch"]

@@ -13,23 +13,41 @@ import torch.nn.functional as F
 from bmssl.reference.kl_bootstrap import accumulation_dtype
 
 
+def _per_anchor(sim, self_mask, positive, variant):
+    """l_i for each row of a similarity matrix, given which entries are the anchor itself and
+    which are its positives."""
+    lse_all = torch.logsumexp(sim.masked_fill(self_mask, float("-inf")), dim=-1)
+    if variant == "in":
+        return lse_all - torch.logsumexp(sim.masked_fill(~positive, float("-inf")), dim=-1)
+    return lse_all - (sim * positive).sum(-1) / positive.sum(-1)
+
+
+def _unit_rows(z, normalize):
+    u = z.to(accumulation_dtype(z.dtype))
+    return F.normalize(u, dim=-1) if normalize else u
+
+
 def ntxent(z, labels, temperature=0.1, variant="in", normalize=True):
     """z [B, d] or [T, B, d]; labels [B] or [T, B]; returns the scalar loss in z's dtype."""
-    u = z.to(accumulation_dtype(z.dtype))
-    if normalize:
-        u = F.normalize(u, dim=-1)
+    u = _unit_rows(z, normalize)
     sim = u @ u.transpose(-1, -2) / temperature
     batch = z.shape[-2]
     self_mask = torch.eye(batch, dtype=torch.bool, device=z.device)
     positive = (labels[..., :, None] == labels[..., None, :]) & ~self_mask
-    lse_all = torch.logsumexp(sim.masked_fill(self_mask, float("-inf")), dim=-1)
-    if variant == "in":
-        lse_pos = torch.logsumexp(sim.masked_fill(~positive, float("-inf")), dim=-1)
-        per_anchor = lse_all - lse_pos
-    else:
-        mean_pos = (sim * positive).sum(-1) / positive.sum(-1)
-        per_anchor = lse_all - mean_pos
-    return per_anchor.mean().to(z.dtype)
+    return _per_anchor(sim, self_mask, positive, variant).mean().to(z.dtype)
+
+
+def ntxent_rect(z_rows, z_cols, labels_rows, labels_cols, row_offset, temperature=0.1, variant="in",
+                normalize=True):
+    """Rectangular form: rows z_rows [R, d] (columns row_offset .. row_offset + R - 1 of
+    z_cols [N, d]) against all columns; mean over the R anchors, in z_rows' dtype."""
+    u_rows, u_cols = _unit_rows(z_rows, normalize), _unit_rows(z_cols, normalize)
+    sim = u_rows @ u_cols.t() / temperature
+    rows = torch.arange(z_rows.shape[0], device=z_rows.device)
+    self_mask = torch.zeros_like(sim, dtype=torch.bool)
+    self_mask[rows, rows + row_offset] = True
+    positive = (labels_rows[:, None] == labels_cols[None, :]) & ~self_mask
+    return _per_anchor(sim, self_mask, positive, variant).mean().to(z_rows.dtype)
 
 
 def views_to_batch(views):

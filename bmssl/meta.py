@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bmssl.models import HEADS, FewShotModel
-from bmssl.ops import kl_bootstrap, ntxent
+from bmssl.ops import kl_bootstrap, ntxent, sgd_unroll_step
 
 METHODS = ("bmssl", "metassl", "simclr", "scratch")
 CONTRASTIVE_VIEWS = ("auto", "support", "all")
@@ -247,7 +247,7 @@ def adapt(params: dict, loss_fn, steps: int, lr: float, create_graph: bool):
     losses = []
     for _ in range(steps):
         grads, loss = grad_and_loss(params if create_graph else detached(params))
-        params = {name: params[name] - lr * grads[name] for name in params}
+        params = sgd_unroll_step(params, grads, lr)  # every tensor in one fused op
         losses.append(loss.detach())
     return params, losses
 

@@ -30,6 +30,10 @@ def loss_fn(provider, temperature):
     if provider == "torch":
         return lambda s, t: reference.kl_bootstrap(s, t, temperature)
     if provider == "torch_compile":
+        # the backward-only timing reuses one graph (retain_graph), which donated buffers forbid
+        import torch._functorch.config as functorch_config
+
+        functorch_config.donated_buffer = False
         return torch.compile(lambda s, t: reference.kl_bootstrap(s, t, temperature))
     backend = provider.removeprefix("bmssl-")
     return lambda s, t: kl_bootstrap(s, t, temperature, backend=backend)

@@ -32,6 +32,10 @@ def loss_fn(provider, temperature, variant):
     if provider == "torch":
         return lambda z, labels: reference.ntxent(z, labels, temperature, variant)
     if provider == "torch_compile":
+        # the backward-only timing reuses one graph (retain_graph), which donated buffers forbid
+        import torch._functorch.config as functorch_config
+
+        functorch_config.donated_buffer = False
         return torch.compile(lambda z, labels: reference.ntxent(z, labels, temperature, variant))
     backend = provider.removeprefix("bmssl-")
     return lambda z, labels: ntxent(z, labels, temperature, variant, backend=backend)

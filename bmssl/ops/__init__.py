@@ -3,5 +3,7 @@
 from bmssl.backends import BackendUnavailableError, available, status
 from bmssl.ops.kl_bootstrap import kl_bootstrap
 from bmssl.ops.ntxent import ntxent, ntxent_rect, ntxent_views
+from bmssl.ops.sgd import sgd_unroll_step
 
-__all__ = ["available", "status", "BackendUnavailableError", "kl_bootstrap", "ntxent", "ntxent_rect", "ntxent_views"]
+__all__ = ["available", "status", "BackendUnavailableError", "kl_bootstrap", "ntxent", "ntxent_rect", "ntxent_views",
+           "sgd_unroll_step"]

@@ -1,0 +1,92 @@
+"""bmssl.ops.sgd_unroll_step: one inner-loop SGD step for every parameter tensor at once.
+
+    out_k = params_k - lr * grads_k;   d params_k = d out_k,   d grads_k = -lr d out_k
+
+Linear, so second-order gradients flow through it (the backward is differentiable). The public
+function goes through SGDStep, an autograd.Function with setup_context and a vmap rule, so it
+works under torch.func (vmap over tasks) as well as plain autograd and torch.compile.
+"""
+import torch
+
+from bmssl import _extension, backends
+from bmssl import triton as bmssl_triton
+from bmssl.reference import sgd as reference_sgd
+
+SUPPORT = backends.OpSupport(
+    name="sgd_unroll_step", backends=("cpu", "cuda", "triton"),
+    backend_dtypes=(("triton", (torch.float16, torch.bfloat16, torch.float32)),))
+
+STEP_OPS = {}  # backend -> op taking (list params, list grads, lr)
+
+if _extension.loaded():
+    STEP_OPS["cpu"] = STEP_OPS["cuda"] = torch.ops.bmssl.sgd_unroll_step.default
+
+    @torch.library.register_fake("bmssl::sgd_unroll_step")
+    def _fake(params, grads, lr):
+        return [torch.empty_like(p) for p in params]
+
+if bmssl_triton.triton is not None:
+    from bmssl.triton import sgd_unroll_step as _triton_sgd
+
+    @torch.library.custom_op("bmssl::sgd_unroll_step_triton", mutates_args=())
+    def sgd_unroll_step_triton(params: list[torch.Tensor], grads: list[torch.Tensor], lr: float) -> list[torch.Tensor]:
+        return _triton_sgd.sgd_unroll_step(params, grads, lr)
+
+    @sgd_unroll_step_triton.register_fake
+    def _fake_triton(params, grads, lr):
+        return [torch.empty_like(p) for p in params]
+
+    STEP_OPS["triton"] = sgd_unroll_step_triton
+
+
+class SGDStep(torch.autograd.Function):
+    """apply(lr, backend, *params, *grads) -> tuple of updated params."""
+
+    @staticmethod
+    def forward(lr, backend, *tensors):
+        half = len(tensors) // 2
+        return tuple(STEP_OPS[backend](list(tensors[:half]), list(tensors[half:]), lr))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.lr = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        return (None, None, *grad_outs, *[-ctx.lr * g for g in grad_outs])
+
+    @staticmethod
+    def vmap(info, in_dims, lr, backend, *tensors):
+        moved = [x.movedim(d, 0) if d is not None else x.expand(info.batch_size, *x.shape)
+                 for x, d in zip(tensors, in_dims[2:])]
+        return SGDStep.apply(lr, backend, *moved), tuple(0 for _ in range(len(tensors) // 2))
+
+
+def sgd_unroll_step(params, grads, lr, backend=None):
+    """params - lr * grads for every tensor in one launch. params, grads: matching lists (or
+    dicts with the same keys) of tensors with one dtype and device; returns the same kind."""
+    keys = None
+    if isinstance(params, dict):
+        if not isinstance(grads, dict) or set(grads) != set(params):
+            raise ValueError("sgd_unroll_step: params and grads must be dicts with the same keys")
+        keys = list(params)
+        params, grads = [params[k] for k in keys], [grads[k] for k in keys]
+    params, grads = list(params), list(grads)
+    if len(params) != len(grads):
+        raise ValueError(f"sgd_unroll_step: {len(params)} params but {len(grads)} grads")
+    for index, (p, g) in enumerate(zip(params, grads)):
+        if not isinstance(p, torch.Tensor) or not isinstance(g, torch.Tensor) or p.shape != g.shape:
+            raise ValueError(f"sgd_unroll_step: params[{index}] and grads[{index}] must be tensors of one shape")
+        if p.dtype != params[0].dtype or g.dtype != params[0].dtype or p.device != params[0].device \
+                or g.device != params[0].device:
+            raise ValueError("sgd_unroll_step: every tensor must share one dtype and one device")
+        if not p.dtype.is_floating_point:
+            raise ValueError(f"sgd_unroll_step: tensors must be floating point, got {p.dtype}")
+    if not params:
+        return {} if keys is not None else []
+    name = backends.choose(SUPPORT, params[0].device, params[0].dtype, backend)
+    if name == "torch":
+        outs = reference_sgd.sgd_unroll_step(params, grads, lr)
+    else:
+        outs = list(SGDStep.apply(float(lr), name, *params, *grads))
+    return dict(zip(keys, outs)) if keys is not None else outs

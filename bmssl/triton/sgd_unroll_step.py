@@ -1,0 +1,48 @@
+"""Triton kernel of bmssl::sgd_unroll_step: out_k = params_k - lr * grads_k, every k in one launch.
+
+The tensors' addresses go in int64 tables; program (k, b) casts entry k to a pointer and
+updates block b of tensor k. All tensors share one dtype; fp16/bf16 compute in fp32.
+"""
+import torch
+
+from bmssl.triton import jit, triton
+
+if triton is not None:
+    import triton.language as tl
+
+    @jit
+    def _sgd_kernel(param_table, grad_table, out_table, numels, lr, BLOCK: tl.constexpr,
+                    DTYPE: tl.constexpr):
+        k = tl.program_id(0)
+        n = tl.load(numels + k)
+        offsets = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        if tl.program_id(1).to(tl.int64) * BLOCK < n:
+            mask = offsets < n
+            p = tl.load(param_table + k).to(tl.pointer_type(DTYPE))
+            g = tl.load(grad_table + k).to(tl.pointer_type(DTYPE))
+            out = tl.load(out_table + k).to(tl.pointer_type(DTYPE))
+            value = tl.load(p + offsets, mask=mask).to(tl.float32) - lr * tl.load(g + offsets, mask=mask).to(tl.float32)
+            tl.store(out + offsets, value.to(DTYPE), mask=mask)
+
+
+_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def sgd_unroll_step(params, grads, lr):
+    if not params:
+        return []
+    params = [p.contiguous() for p in params]
+    grads = [g.contiguous() for g in grads]
+    outs = [torch.empty_like(p) for p in params]
+    device = params[0].device
+
+    def table(tensors):
+        return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
+
+    numels = torch.tensor([p.numel() for p in params], dtype=torch.int64, device=device)
+    block = 1024
+    blocks = max(1, triton.cdiv(max(p.numel() for p in params), block))
+    dtype = getattr(tl, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[_DTYPES[params[0].dtype]])
+    _sgd_kernel[(len(params), blocks)](table(params), table(grads), table(outs), numels, lr, BLOCK=block,
+                                       DTYPE=dtype)
+    return outs

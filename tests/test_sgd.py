@@ -1,0 +1,103 @@
+"""bmssl.ops.sgd_unroll_step: every backend against the twin, its trivial linear backward
+(including second order through an unroll), torch.func, opcheck and bad input."""
+import pytest
+import torch
+
+import bmssl
+from bmssl import backends
+from bmssl.ops.sgd import SUPPORT
+
+CPU = torch.device("cpu")
+BACKENDS = [b for b in ("cpu", "triton", "torch") if backends.input_reason(b, SUPPORT, CPU, torch.float32) is None]
+SHAPES = [(3, 4), (7,), (1,), (2, 3, 5), (257,)]
+
+
+def make(dtype=torch.float32, requires_grad=False):
+    params = [torch.randn(s).to(dtype).requires_grad_(requires_grad) for s in SHAPES]
+    grads = [torch.randn(s).to(dtype).requires_grad_(requires_grad) for s in SHAPES]
+    return params, grads
+
+
+def test_compiled_backends_are_there():
+    assert {"cpu", "triton"} <= set(BACKENDS), backends.status()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_matches_twin(backend, dtype):
+    if backend == "triton" and dtype == torch.float64:
+        with pytest.raises(bmssl.ops.BackendUnavailableError, match="triton kernels of sgd_unroll_step take"):
+            bmssl.ops.sgd_unroll_step(*make(dtype), 0.3, backend=backend)
+        return
+    params, grads = make(dtype)
+    got = bmssl.ops.sgd_unroll_step(params, grads, 0.3, backend=backend)
+    for out, p, g in zip(got, params, grads):
+        expected = (p.double() - 0.3 * g.double()).to(dtype)
+        assert out.dtype == dtype and out.shape == p.shape
+        torch.testing.assert_close(out, expected, atol=1e-2 if dtype != torch.float32 else 1e-6, rtol=1e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_is_identity_and_minus_lr(backend):
+    params, grads = make(requires_grad=True)
+    outs = bmssl.ops.sgd_unroll_step(params, grads, 0.25, backend=backend)
+    upstream = [torch.randn_like(o) for o in outs]
+    d = torch.autograd.grad(outs, params + grads, upstream)
+    for k, u in enumerate(upstream):
+        torch.testing.assert_close(d[k], u)
+        torch.testing.assert_close(d[len(SHAPES) + k], -0.25 * u)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_order_through_an_unroll(backend):
+    """Three inner steps of w <- w - a grad f(w) with f(w) = sum(w^4)/4 (so grad f = w^3): the
+    derivative of the final loss w.r.t. w0 must match the twin's (second order flows through)."""
+    dtype = torch.float64 if backend != "triton" else torch.float32
+
+    def unroll(w0, step):
+        w = [w0]
+        for _ in range(3):
+            (g,) = torch.autograd.grad((w[0] ** 4).sum() / 4, w[0], create_graph=True)
+            w = step(w, [g])
+        return (w[0] ** 2).sum()
+
+    w0 = torch.randn(6, dtype=dtype, requires_grad=True) * 0.5
+    fused = torch.autograd.grad(unroll(w0, lambda w, g: bmssl.ops.sgd_unroll_step(w, g, 0.1, backend=backend)), w0)
+    twin = torch.autograd.grad(unroll(w0, lambda w, g: [w[0] - 0.1 * g[0]]), w0)
+    torch.testing.assert_close(fused[0], twin[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vmap_and_dicts(backend):
+    params = {"w": torch.randn(4, 3, 2), "b": torch.randn(4, 2)}  # 4 tasks
+    grads = {"w": torch.randn(4, 3, 2), "b": torch.randn(4, 2)}
+
+    def step(p, g):
+        return bmssl.ops.sgd_unroll_step(p, g, 0.5, backend=backend)
+
+    got = torch.func.vmap(step)(params, grads)
+    for k in params:
+        torch.testing.assert_close(got[k], params[k] - 0.5 * grads[k])
+    shared = torch.func.vmap(step, in_dims=(None, 0))({k: v[0] for k, v in params.items()}, grads)
+    torch.testing.assert_close(shared["b"], params["b"][0] - 0.5 * grads["b"])
+
+
+def test_opcheck_cpp_op():
+    params, grads = make(requires_grad=True)
+    torch.library.opcheck(torch.ops.bmssl.sgd_unroll_step.default, (params, grads, 0.1))
+
+
+def test_empty_list():
+    assert bmssl.ops.sgd_unroll_step([], [], 0.1) == []
+
+
+@pytest.mark.parametrize("params, grads, message", [
+    ([torch.randn(2)], [torch.randn(3)], "one shape"),
+    ([torch.randn(2)], [], "1 params but 0 grads"),
+    ([torch.randn(2), torch.randn(2).double()], [torch.randn(2), torch.randn(2).double()], "one dtype"),
+    ([torch.ones(2, dtype=torch.long)], [torch.ones(2, dtype=torch.long)], "floating point"),
+    ({"a": torch.randn(2)}, {"b": torch.randn(2)}, "same keys"),
+])
+def test_bad_input(params, grads, message):
+    with pytest.raises(ValueError, match=message):
+        bmssl.ops.sgd_unroll_step(params, grads, 0.1)

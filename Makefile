@@ -28,9 +28,16 @@ endif
 build: $(VENV)/.ready
 	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
+# The main job: bmssl's info, a short BMSSL run on the embedded glyphs set (alphabets held out),
+# then the few-shot table of that run against the scratch baseline.
+DEMO_RUN ?= runs/demo-glyphs-bmssl
 demo: build
 	$(VENV)/bin/bmssl info
-	$(VENV)/bin/bmssl bench kl_bootstrap --quick --out bench/results/tmp/demo_kl_bootstrap
+	rm -rf $(DEMO_RUN)
+	$(VENV)/bin/bmssl train --method bmssl --data glyphs --out $(DEMO_RUN) --steps 100 -N 20 -K 4 \
+	    --M1 1 --M2 3 -L 2 --delta 2 --hidden 16 --warmup 10 --outer-lr 2e-3 --checkpoint-every 50
+	$(VENV)/bin/bmssl eval --checkpoint $(DEMO_RUN) --method scratch --settings 5w1s 5w5s \
+	    --episodes 300 --protocols proto --json $(DEMO_RUN)/eval.json
 
 test: build
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q

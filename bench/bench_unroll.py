@@ -95,8 +95,13 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (1 keeps provider ratios fair on a shared machine)")
     parser.add_argument("--out", default="bench/results/unroll")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the memory subprocesses too
     device = torch.device(args.device)
     providers = ["baseline", "engine_torch", "engine_fused"] + (["engine_fused_graph"] if device.type == "cuda" else [])
     env = common.environment(device)

@@ -1,4 +1,6 @@
-"""The bmssl command line: `bmssl info`, `bmssl bench` (also `python -m bmssl`)."""
+"""The bmssl command line: `bmssl info`, `bmssl bench`, `bmssl train`, `bmssl eval` (also `python -m bmssl`,
+and `torchrun --nproc_per_node=W -m bmssl train ...`). Train and eval live in bmssl.training and
+bmssl.evaluation_cli; this module only parses."""
 import argparse
 import platform
 import sys
@@ -32,11 +34,19 @@ def info(_args):
     return 0
 
 
+QUICK = {  # `bmssl bench <op> --quick`: one small sweep, eager PyTorch only, a few seconds
+    "kl_bootstrap": dict(rows=[16384], classes=[5, 64], no_compile=True, repeats=10),
+    "ntxent": dict(batches=[2048], views=[2], no_compile=True, no_memory=True, repeats=5),
+}
+
+
 def bench(args):
-    if args.op == "kl_bootstrap":
-        from bmssl.bench import kl_bootstrap as module
+    from bmssl.bench import kl_bootstrap, ntxent
+
+    module = {"kl_bootstrap": kl_bootstrap, "ntxent": ntxent}[args.op]
     if args.quick:
-        args.rows, args.classes, args.no_compile, args.repeats = [16384], [5, 64], True, 10
+        for key, value in QUICK[args.op].items():
+            setattr(args, key, value)
     module.main(args)
     return 0
 
@@ -47,15 +57,50 @@ def build_parser():
     parser.add_argument("--version", action="version", version=f"bmssl {bmssl.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, backends, device and build flags").set_defaults(run=info)
-    bench_parser = commands.add_parser("bench", help="benchmark an op against plain PyTorch")
-    bench_parser.add_argument("op", nargs="?", default="kl_bootstrap", choices=["kl_bootstrap"])
-    bench_parser.add_argument("--quick", action="store_true",
-                              help="one small shape, eager PyTorch only: a few seconds")
-    from bmssl.bench import kl_bootstrap
+    bench_parser = commands.add_parser("bench", help="benchmark an op against plain PyTorch and torch.compile")
+    ops = bench_parser.add_subparsers(dest="op", required=True)
+    from bmssl.bench import kl_bootstrap, ntxent
 
-    kl_bootstrap.add_arguments(bench_parser)
-    bench_parser.set_defaults(run=bench)
+    for name, module in (("kl_bootstrap", kl_bootstrap), ("ntxent", ntxent)):
+        op_parser = ops.add_parser(name, help=module.__doc__.splitlines()[0])
+        op_parser.add_argument("--quick", action="store_true",
+                               help="one small shape, eager PyTorch only: a few seconds")
+        module.add_arguments(op_parser)
+        op_parser.set_defaults(run=bench)
+
+    from bmssl import evaluation_cli, training
+
+    train_parser = commands.add_parser(
+        "train", help="train θ with bmssl, metassl, simclr (or none: scratch) and checkpoint it",
+        description="Train on unlabelled images (paper §4.1 tasks), write RUN_DIR/checkpoint.pt, results.json "
+                    "and curves.png; optionally evaluate few-shot at the end. Under torchrun, tasks are sharded "
+                    "across ranks and meta-gradients averaged (gloo on CPU).")
+    training.add_train_arguments(train_parser)
+    train_parser.set_defaults(run=_guarded(training.main, "train"))
+    eval_parser = commands.add_parser(
+        "eval", help="few-shot accuracy of checkpoints (and a scratch baseline) on held-out classes",
+        description="N-way K-shot episodes from the test classes; proto and/or finetune protocols; mean ± 95% CI.")
+    evaluation_cli.add_eval_command_arguments(eval_parser)
+    eval_parser.set_defaults(run=_guarded(evaluation_cli.main, "eval"))
     return parser
+
+
+def _guarded(command, name):
+    """Run a subcommand; its clear errors (bad values, missing files, a non-finite loss) end the
+    program with exit status 2 and one line on stderr instead of a traceback."""
+
+    def run(args):
+        try:
+            return command(args)
+        except (ValueError, FileNotFoundError, FloatingPointError) as error:
+            print(f"bmssl {name}: error: {error}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"bmssl {name}: interrupted; a run continues from its last checkpoint with --resume RUN_DIR",
+                  file=sys.stderr)
+            return 130
+
+    return run
 
 
 def main(argv=None):

@@ -325,20 +325,22 @@ def meta_loss(model, theta, batch, config, batched=True):
     return losses.mean(), tuple(a.mean() for a in aux)
 
 
-def simclr_loss(model, theta, batch, config):
+def simclr_loss(model, theta, batch, config, ntxent_fn=None):
     """NT-Xent over all M = M1 + M2 views of every image of the batch (K·W images; the views
-    of image j of task k are positives), no meta level."""
+    of image j of task k are positives), no meta level. `ntxent_fn(z, labels, temperature,
+    variant)` replaces bmssl.ntxent (torchrun passes one whose negatives span every rank)."""
     support, query = batch.support, batch.query
     tasks, ways = support.shape[0], batch.support_labels[0].max().item() + 1
     images = torch.cat([support, query], dim=1).flatten(0, 1)
     offsets = torch.arange(tasks, device=support.device)[:, None] * ways
     labels = torch.cat([batch.support_labels + offsets, batch.query_labels + offsets], dim=1).flatten()
     z = model.embeddings(theta, model.features(theta, images))
-    return ntxent(z, labels.long(), config.contrastive_temperature, config.contrastive_variant)
+    return (ntxent_fn or ntxent)(z, labels.long(), config.contrastive_temperature, config.contrastive_variant)
 
 
-def meta_gradient(model, theta, batch, config, batched=True):
+def meta_gradient(model, theta, batch, config, batched=True, simclr_ntxent=None):
     """∇_θ of the method's outer loss. Returns (grads dict, loss, aux dict of floats).
+    simclr_ntxent: simclr_loss's ntxent_fn.
 
     The outer gradient is plain reverse-mode autograd over θ (leaf tensors), around the
     functorch transforms inside (vmap over tasks, torch.func.grad per inner step). Its backward
@@ -347,7 +349,7 @@ def meta_gradient(model, theta, batch, config, batched=True):
     with torch.enable_grad():
         if config.method == "simclr":
             check_task_batch(batch)
-            loss, aux = simclr_loss(model, leaves, batch, config), {}
+            loss, aux = simclr_loss(model, leaves, batch, config, simclr_ntxent), {}
         else:
             loss, aux = meta_loss(model, leaves, batch, config, batched)
             aux = dict(zip(("inner_loss_start", "inner_loss", "query_accuracy"), (a.item() for a in aux)))
@@ -378,6 +380,11 @@ class MetaLearner:
 
         learner = MetaLearner(MetaConfig(method="bmssl"), build_backbone("conv4", (1, 28, 28)))
         metrics = learner.step(task_batch)   # outer_loss, inner_loss, query_accuracy, grad_norm, lr, time
+
+    Two hooks for data-parallel training (bmssl.training sets them under torchrun), None by default:
+    gradient_hook(grads, loss, aux) -> (grads, loss, aux) runs on the meta-gradient before the
+    finiteness checks, clipping and the Adam step (e.g. averaging them over ranks);
+    simclr_ntxent is simclr_loss's ntxent_fn.
     """
 
     def __init__(self, config: MetaConfig, backbone: nn.Module):
@@ -394,6 +401,8 @@ class MetaLearner:
                                           weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(config, step))
         self.steps_done = 0
+        self.gradient_hook = None
+        self.simclr_ntxent = None
 
     @property
     def theta(self) -> dict:
@@ -414,7 +423,7 @@ class MetaLearner:
     def meta_gradient(self, batch, batched=True):
         """(grads, loss, aux) at the current θ, without updating anything."""
         theta = detached(self.model.meta_parameters())
-        return meta_gradient(self.model, theta, self._prepare(batch), self.config, batched)
+        return meta_gradient(self.model, theta, self._prepare(batch), self.config, batched, self.simclr_ntxent)
 
     def step(self, batch) -> dict:
         """One outer step on a task batch. Returns floats: outer_loss, grad_norm, lr, time, step,
@@ -427,6 +436,8 @@ class MetaLearner:
             self.steps_done += 1
             return {"step": self.steps_done, "lr": 0.0, "time": time.perf_counter() - start}
         grads, loss, aux = self.meta_gradient(batch)
+        if self.gradient_hook is not None:
+            grads, loss, aux = self.gradient_hook(grads, loss, aux)
         loss_value = loss.item()
         where = f"{self.config.method} outer step {self.steps_done + 1}"
         if not math.isfinite(loss_value):

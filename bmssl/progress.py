@@ -23,3 +23,53 @@ def _plain(iterable, desc, total, disable):
             elapsed = time.perf_counter() - start
             eta = f", eta {elapsed / index * (total - index):.0f}s" if total else ""
             print(f"{desc}: {index}/{total or '?'} ({index / elapsed:.2f}/s{eta})", file=sys.stderr)
+
+
+class StepBar:
+    """A bar over training steps that shows a postfix (loss, accuracy, ...) beside tqdm's own
+    steps/s and ETA. Without tqdm (or with plain=True, e.g. when stderr is not a terminal) it
+    prints one line every `every` steps: "desc: step/total, x/s, eta Ns, key=value ...".
+
+        bar = StepBar(total=1000, initial=done, desc="bmssl")
+        bar.update(loss=0.42, acc=0.61)   # one step done
+        bar.close()
+    """
+
+    def __init__(self, total: int, initial: int = 0, desc: str = "", disable: bool = False,
+                 every: int = 10, plain: bool | None = None):
+        self.total, self.count, self.desc, self.disable = total, initial, desc, disable
+        self.every = max(1, every)
+        self.start, self.initial = time.perf_counter(), initial
+        if plain is None:
+            plain = _tqdm is None or not sys.stderr.isatty()
+        self.bar = None if (disable or plain) else _tqdm(total=total, initial=initial, desc=desc,
+                                                          unit="step", dynamic_ncols=True)
+
+    def update(self, **postfix):
+        self.count += 1
+        if self.disable:
+            return
+        text = {key: (f"{value:.4g}" if isinstance(value, float) else str(value)) for key, value in postfix.items()}
+        if self.bar is not None:
+            self.bar.set_postfix(text, refresh=False)
+            self.bar.update(1)
+            return
+        if self.count % self.every and self.count != self.total:
+            return
+        elapsed = time.perf_counter() - self.start
+        rate = (self.count - self.initial) / elapsed if elapsed > 0 else 0.0
+        eta = f", eta {(self.total - self.count) / rate:.0f}s" if rate > 0 else ""
+        fields = " ".join(f"{key}={value}" for key, value in text.items())
+        print(f"{self.desc}: {self.count}/{self.total}, {rate:.2f} steps/s{eta} {fields}", file=sys.stderr,
+              flush=True)
+
+    def write(self, message: str):
+        """Print a line without breaking the bar."""
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()

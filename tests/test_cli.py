@@ -33,7 +33,7 @@ def test_info_reports_versions_backends_and_build():
 
 
 def test_bench_quick_writes_results(tmp_path):
-    out = run("bench", "--quick", "--repeats", "3", "--out", str(tmp_path / "kl"))
+    out = run("bench", "kl_bootstrap", "--quick", "--out", str(tmp_path / "kl"))
     assert out.returncode == 0, out.stderr
     rows = json.loads((tmp_path / "kl.json").read_text())
     providers = {r["provider"] for r in rows}
@@ -41,6 +41,14 @@ def test_bench_quick_writes_results(tmp_path):
     assert {r["mode"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
     assert all(r["value"] > 0 for r in rows if r["metric"] == "median_ms")
     assert (tmp_path / "kl.csv").read_text().startswith("op,provider,mode,metric")
+
+
+def test_bench_ntxent_quick(tmp_path):
+    out = run("bench", "ntxent", "--quick", "--out", str(tmp_path / "nt"))
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "nt.json").read_text())
+    assert {"torch", "bmssl-cpu"} <= {r["provider"] for r in rows}
+    assert "speedup" in out.stdout
 
 
 def test_unknown_command_fails_clearly():

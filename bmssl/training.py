@@ -1,0 +1,855 @@
+"""`bmssl train`: one training run, from a data spec to a checkpointed θ and a results file.
+
+    config = TrainConfig(method="bmssl", data="glyphs", steps=200)
+    results = train(config, "runs/bmssl")        # RUN_DIR/checkpoint.pt, results.json, curves.png
+    results = train(config, "runs/bmssl", resume="runs/bmssl")   # continues exactly
+
+The loop. A torch.Generator on the training device, seeded with `seed`, draws every task batch
+(bmssl.tasks.make_tasks: N pool images, M1 + M2 augmented views each, K tasks of N/K ways) from
+the unlabelled training pool; MetaLearner.step makes one outer step. The checkpoint holds θ, Adam,
+the schedule, that generator's state, the step, the metrics so far and the full config, so
+`--resume` continues with the very next batch: on CPU with the same thread count, the losses equal
+those of an uninterrupted run bit for bit.
+
+Data (`--data`), split by group (alphabet) into train / test, deterministically from split_seed:
+    glyphs             the embedded default (bmssl.data.load_glyphs), test_fraction of its alphabets held out
+    glyphs:A,B,...     only these glyph alphabets
+    omniglot           images_background_small1 for training; the alphabets only in
+                       images_background_small2 for testing (load_omniglot_small_split)
+    <path>             an Omniglot zip or alphabet/character folder (split by alphabet), or a folder
+                       holding images_background_small1.zip and images_background_small2.zip
+    folder:<path>      class folders (bmssl.data.load_image_folder), `channels` 1 or 3
+`--eval-data SPEC` tests on all of SPEC instead, and trains on all of --data. Training reads the
+training images alone, never their labels.
+
+torchrun (WORLD_SIZE > 1): DistributedDataParallel semantics with gloo on CPU (nccl on CUDA).
+Every rank seeds its task generator with the same `seed`, so every rank draws and augments the
+same global batch of K tasks; rank r keeps tasks [r·K/W, (r+1)·K/W). The meta-gradients (and the
+loss and metrics) are averaged over ranks before clipping and the Adam step, so θ stays the same
+on every rank and equals one process holding the whole batch (up to floating-point summation
+order). For simclr, the NT-Xent's negatives are gathered from every rank
+(bmssl.distributed.ntxent_gathered), again as in one process. Rank 0 alone prints and writes files.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import math
+import numbers
+import os
+import platform
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+import bmssl
+from bmssl import run_files
+from bmssl.augment import AugmentConfig
+from bmssl.meta import CONTRASTIVE_VIEWS, METHODS, SCHEDULES, TARGET_DATA, VARIANTS, MetaConfig, MetaLearner
+from bmssl.models import BACKBONES, HEADS, NORMS, build_backbone
+from bmssl.progress import StepBar
+from bmssl.tasks import TaskBatch, make_tasks
+
+AUGMENTS = ("auto", "omniglot", "rgb", "none")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+PROTOCOLS = ("proto", "finetune")
+SETTING = re.compile(r"^(\d+)w(\d+)s$")
+PLOT_EVERY_S = 120  # curves.png at checkpoints at most this often; always at the end of an invocation
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run. Defaults: the Omniglot-like 28x28 setting (5-way tasks, one
+    support view and five query views per image, L = δ = 5, second order, conv4)."""
+
+    # data
+    method: str = "bmssl"                # bmssl | metassl | simclr | scratch
+    data: str = "glyphs"                 # see the module docstring
+    eval_data: str | None = None         # test on all of this spec instead of a held-out split
+    image_size: int = 28
+    channels: int = 3                    # folder: data only (1 = grayscale, 3 = RGB)
+    test_fraction: float = 0.3           # fraction of the groups held out for testing
+    split_seed: int | None = None        # None: seed
+    augment: str = "auto"                # auto: omniglot preset for 1 channel, rgb for 3
+    # tasks (paper §4.1)
+    images_per_batch: int = 40           # N
+    tasks: int = 8                       # K; each task is N/K-way
+    support_views: int = 1               # M1
+    query_views: int = 5                 # M2
+    # model
+    backbone: str = "conv4"
+    hidden: int = 64                     # conv4 width
+    depth: int = 4                       # conv4 blocks
+    widths: tuple | None = None          # resnet12 widths (default 16 32 64 128)
+    norm: str = "group"
+    projection_dim: int = 64
+    projection_hidden: int | None = None
+    head: str = "zero"
+    # the two-level loop
+    inner_steps: int = 5                 # L
+    target_steps: int = 5                # δ
+    order: int = 2
+    inner_lr: float = 0.1                # α
+    outer_lr: float = 1e-3               # β
+    contrastive_weight: float = 1.0      # λ
+    temperature: float = 0.5             # τ
+    kl_temperature: float = 1.0          # T
+    variant: str = "in"
+    contrastive_views: str = "auto"
+    target_data: str = "support"
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    schedule_steps: int | None = None    # None: steps (fixed at the start of a run)
+    min_lr_ratio: float = 0.0
+    clip_grad_norm: float | None = 10.0
+    steps: int = 2000
+    seed: int = 0
+    dtype: str = "float32"
+    # run control: these may change on --resume
+    device: str = "auto"
+    threads: int | None = None
+    checkpoint_every: int = 100
+    stop_after: int | None = None
+    log_every: int = 10
+    progress: bool = True
+    # few-shot evaluation at the end of the run
+    eval: bool = False
+    eval_settings: tuple = ("5w1s", "5w5s")
+    episodes: int = 600
+    protocols: tuple = ("proto", "finetune")
+    queries: int = 15
+    eval_batch: int = 16
+    eval_seed: int = 0
+    finetune_steps: int | None = None    # None: L
+    finetune_lr: float | None = None     # None: α
+
+    def __post_init__(self):
+        for name in ("widths", "eval_settings", "protocols"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                setattr(self, name, tuple(value))
+
+    def validate(self) -> "TrainConfig":
+        """Check every field; ValueErrors name the command-line flag. Returns self."""
+        _choice("method", self.method, METHODS)
+        _choice("augment", self.augment, AUGMENTS)
+        _choice("backbone", self.backbone, BACKBONES)
+        _choice("norm", self.norm, NORMS)
+        _choice("head", self.head, HEADS)
+        _choice("variant", self.variant, VARIANTS)
+        _choice("contrastive_views", self.contrastive_views, CONTRASTIVE_VIEWS)
+        _choice("target_data", self.target_data, TARGET_DATA)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("dtype", self.dtype, tuple(DTYPES))
+        _choice("order", self.order, (1, 2))
+        _choice("channels", self.channels, (1, 3))
+        if not isinstance(self.data, str) or not self.data.strip():
+            raise ValueError(f"{flag('data')} must name a data set, got {self.data!r}")
+        for name, minimum in (("image_size", 4), ("images_per_batch", 2), ("tasks", 1), ("support_views", 1),
+                              ("query_views", 1), ("hidden", 1), ("depth", 1), ("projection_dim", 1),
+                              ("inner_steps", 0), ("target_steps", 0), ("warmup_steps", 0), ("steps", 0),
+                              ("seed", 0), ("checkpoint_every", 1), ("log_every", 1), ("episodes", 1),
+                              ("queries", 1), ("eval_batch", 1), ("eval_seed", 0)):
+            _integer(name, getattr(self, name), minimum)
+        for name, minimum in (("split_seed", 0), ("projection_hidden", 1), ("schedule_steps", 1), ("threads", 1),
+                              ("stop_after", 1), ("finetune_steps", 0)):
+            if getattr(self, name) is not None:
+                _integer(name, getattr(self, name), minimum)
+        for name in ("inner_lr", "outer_lr", "temperature", "kl_temperature"):
+            _positive(name, getattr(self, name))
+        for name in ("clip_grad_norm", "finetune_lr"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        for name in ("contrastive_weight", "weight_decay"):
+            _real(name, getattr(self, name), 0.0, math.inf)
+        _real("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _real("test_fraction", self.test_fraction, 0.0, 1.0, open_ends=True)
+        if self.widths is not None:
+            if not self.widths or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in self.widths):
+                raise ValueError(f"{flag('widths')} must be positive integers, got {self.widths!r}")
+        if self.images_per_batch % self.tasks:
+            raise ValueError(f"{flag('images_per_batch')} (N={self.images_per_batch}) must be divisible by "
+                             f"{flag('tasks')} (K={self.tasks}): each task takes N/K images")
+        if self.images_per_batch // self.tasks < 2:
+            raise ValueError(f"each task needs >= 2 ways, but N/K = {self.images_per_batch}/{self.tasks} = "
+                             f"{self.images_per_batch // self.tasks}; raise {flag('images_per_batch')} or lower "
+                             f"{flag('tasks')}")
+        if self.method == "bmssl" and self.target_steps < 1:
+            raise ValueError(f"--method bmssl needs {flag('target_steps')} >= 1 (with δ = 0 the bootstrap "
+                             "target is w_L itself and the KL is 0)")
+        if (self.method in ("bmssl", "metassl") and self.contrastive_weight > 0
+                and self.contrastive_views == "support" and self.support_views < 2):
+            raise ValueError(f"{flag('contrastive_views')} support needs {flag('support_views')} >= 2 (one "
+                             "support view per image has no contrastive positive); use auto or all")
+        if self.method == "simclr" and self.contrastive_weight <= 0:
+            raise ValueError(f"--method simclr trains the NT-Xent alone: {flag('contrastive_weight')} must be > 0")
+        if self.schedule_steps is not None and self.schedule_steps < self.warmup_steps:
+            raise ValueError(f"{flag('schedule_steps')} ({self.schedule_steps}) must be >= "
+                             f"{flag('warmup_steps')} ({self.warmup_steps})")
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"{flag('device')} must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if not self.protocols or any(p not in PROTOCOLS for p in self.protocols):
+            raise ValueError(f"{flag('protocols')} must be one or more of {', '.join(PROTOCOLS)}, "
+                             f"got {' '.join(map(str, self.protocols)) or 'nothing'}")
+        parse_settings(self.eval_settings)
+        return self
+
+    def meta_config(self) -> MetaConfig:
+        """The engine's config (bmssl.meta.MetaConfig) for this run."""
+        return MetaConfig(
+            method=self.method, inner_steps=self.inner_steps, inner_lr=self.inner_lr,
+            target_steps=self.target_steps, order=self.order, contrastive_weight=self.contrastive_weight,
+            contrastive_temperature=self.temperature, contrastive_variant=self.variant,
+            contrastive_views=self.contrastive_views, target_data=self.target_data,
+            kl_temperature=self.kl_temperature, head=self.head,
+            ways=self.images_per_batch // self.tasks if self.head == "shared" else None,
+            projection_dim=self.projection_dim, projection_hidden=self.projection_hidden,
+            outer_lr=self.outer_lr, weight_decay=self.weight_decay, schedule=self.schedule,
+            warmup_steps=self.warmup_steps,
+            total_steps=self.schedule_steps or max(self.steps, self.warmup_steps, 1),
+            min_lr_ratio=self.min_lr_ratio, clip_grad_norm=self.clip_grad_norm, seed=self.seed)
+
+    def to_dict(self) -> dict:
+        """Plain types only (tuples as lists), as stored in checkpoints and results.json."""
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}: written by another bmssl version?")
+        return cls(**values)
+
+
+# Fields that may differ on --resume: where and how long to run, and what to evaluate.
+RUN_CONTROL = ("steps", "device", "threads", "checkpoint_every", "stop_after", "log_every", "progress", "eval",
+               "eval_data", "eval_settings", "episodes", "protocols", "queries", "eval_batch", "eval_seed",
+               "finetune_steps", "finetune_lr")
+
+# Short aliases beside the long --field-name flags.
+ALIASES = {"images_per_batch": ["-N"], "tasks": ["-K"], "support_views": ["--M1"], "query_views": ["--M2"],
+           "inner_steps": ["-L"], "target_steps": ["--delta"], "inner_lr": ["--alpha"], "outer_lr": ["--beta"],
+           "contrastive_weight": ["--lam"], "temperature": ["--tau"], "warmup_steps": ["--warmup"]}
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a TrainConfig field."""
+    return "--" + name.replace("_", "-")
+
+
+def _choice(name, value, choices):
+    if isinstance(value, bool) or value not in choices:
+        raise ValueError(f"{flag(name)} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def _integer(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{flag(name)} must be an integer >= {minimum}, got {value!r}")
+
+
+def _positive(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{flag(name)} must be a finite number > 0, got {value!r}")
+
+
+def _real(name, value, low, high, open_ends=False):
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and ((low < value < high) if open_ends else (low <= value <= high))
+    if not ok:
+        interval = f"({low}, {high})" if open_ends else f"[{low}, {high}]"
+        raise ValueError(f"{flag(name)} must lie in {interval}, got {value!r}")
+
+
+def parse_settings(settings) -> list:
+    """["5w1s", "20w5s"] -> [(5, 1), (20, 5)] (ways, shots)."""
+    if isinstance(settings, str) or not settings:
+        raise ValueError(f"few-shot settings must be a list like 5w1s 5w5s, got {settings!r}")
+    parsed = []
+    for setting in settings:
+        match = SETTING.match(str(setting))
+        if not match or int(match[1]) < 2 or int(match[2]) < 1:
+            raise ValueError(f"few-shot setting {setting!r} is not <ways>w<shots>s with ways >= 2 and "
+                             "shots >= 1 (e.g. 5w1s, 20w5s)")
+        parsed.append((int(match[1]), int(match[2])))
+    return parsed
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+
+class DataSplit(NamedTuple):
+    """The unlabelled training pool's source and the labelled held-out test set."""
+
+    train: "bmssl.data.ImageSet"
+    test: "bmssl.data.ImageSet"
+    description: str
+
+
+DATA_HELP = ("glyphs (embedded default), glyphs:A,B (those alphabets), omniglot (the small1/small2 "
+             "zips), a path to an Omniglot zip or folder, or folder:<path> (class folders)")
+
+
+def _missing(spec: str, path: Path) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"data {spec!r}: {path} does not exist. Pass an existing Omniglot zip or folder, "
+        f"folder:<existing class-folder path>, --data omniglot (looks in $BMSSL_OMNIGLOT_DIR or "
+        f"<repo>/../shared/data/omniglot), or --data glyphs (embedded, needs no files)")
+
+
+def load_whole(spec: str, config: TrainConfig, show_progress: bool = False):
+    """All of data spec `spec` as one ImageSet (what --eval-data reads); for omniglot, the
+    alphabets of images_background_small2 that small1 lacks."""
+    from bmssl import data
+
+    if spec == "glyphs" or spec.startswith("glyphs:"):
+        alphabets = tuple(a for a in spec[len("glyphs:"):].split(",") if a) if ":" in spec else None
+        return data.load_glyphs(image_size=config.image_size, alphabets=alphabets, show_progress=show_progress)
+    if spec == "omniglot":
+        return _omniglot_split(spec, None, config)[1]
+    if spec.startswith("folder:"):
+        path = Path(spec[len("folder:"):]).expanduser()
+        if not path.is_dir():
+            raise _missing(spec, path)
+        return data.load_image_folder(path, image_size=config.image_size, mode="L" if config.channels == 1 else "RGB",
+                                      show_progress=show_progress)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise _missing(spec, path)
+    if _holds_small_split(path):
+        return _omniglot_split(spec, path, config)[1]
+    return data.load_omniglot(path, image_size=config.image_size, show_progress=show_progress)
+
+
+def _holds_small_split(path: Path) -> bool:
+    names = ("images_background_small1", "images_background_small2")
+    return path.is_dir() and all((path / f"{n}.zip").exists() or (path / n).is_dir() for n in names)
+
+
+def _omniglot_split(spec, root, config):
+    from bmssl import data
+
+    try:
+        return data.load_omniglot_small_split(root=root, image_size=config.image_size)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"data {spec!r}: {error} Or train on the embedded set: --data glyphs") from None
+
+
+def resolve_data(config: TrainConfig, show_progress: bool = False) -> DataSplit:
+    """The training pool and the test set named by config.data (and config.eval_data)."""
+    spec = config.data.strip()
+    split_seed = config.seed if config.split_seed is None else config.split_seed
+    if config.eval_data:
+        train, test = load_whole(spec, config, show_progress), load_whole(config.eval_data, config, show_progress)
+        description = f"train: all of {spec}; test: all of {config.eval_data}"
+    elif spec == "omniglot" or (Path(spec).expanduser().exists() and _holds_small_split(Path(spec).expanduser())):
+        train, test = _omniglot_split(spec, None if spec == "omniglot" else Path(spec).expanduser(), config)
+        description = "train: images_background_small1; test: alphabets only in images_background_small2"
+    else:
+        whole = load_whole(spec, config, show_progress)
+        if len(whole.groups) < 2:
+            raise ValueError(f"data {spec!r} has {len(whole.groups)} group(s) ({whole.groups}); a train/test "
+                             "split by group needs >= 2. Give --eval-data for a separate test set")
+        train, test = whole.split_by_group({"train": 1 - config.test_fraction, "test": config.test_fraction},
+                                           seed=split_seed).values()
+        description = (f"{spec} split by group with seed {split_seed}: test groups "
+                       f"{', '.join(test.groups)}")
+    if train.channels != test.channels or train.image_size != test.image_size:
+        raise ValueError(f"train images are {train.channels}x{train.image_size} but test images are "
+                         f"{test.channels}x{test.image_size}")
+    return DataSplit(train, test, description)
+
+
+def fingerprint(images: torch.Tensor) -> str:
+    """sha1 of the training images' shape and bytes: a resumed run must train on the same pool."""
+    digest = hashlib.sha1(str(tuple(images.shape)).encode())
+    digest.update(images.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def augment_config(config: TrainConfig, channels: int) -> AugmentConfig:
+    name = config.augment if config.augment != "auto" else ("omniglot" if channels == 1 else "rgb")
+    if name == "rgb" and channels != 3:
+        raise ValueError(f"--augment rgb needs 3-channel images; these have {channels}")
+    return {"omniglot": AugmentConfig.omniglot, "rgb": AugmentConfig.rgb, "none": AugmentConfig.identity}[name]()
+
+
+# ---- model ------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: torch sees no CUDA device here; use --device cpu")
+        if name == "cuda":
+            name = f"cuda:{local_rank}"
+    return torch.device(name)
+
+
+def build_learner(config: TrainConfig, image_shape, device, dtype=None) -> MetaLearner:
+    """The MetaLearner of `config` for images of `image_shape` (C, H, W), seeded with config.seed."""
+    options = {"hidden": config.hidden, "depth": config.depth} if config.backbone == "conv4" else (
+        {"widths": tuple(config.widths)} if config.widths else {})
+    backbone = build_backbone(config.backbone, tuple(image_shape), norm=config.norm, seed=config.seed, **options)
+    backbone = backbone.to(device=device, dtype=dtype or DTYPES[config.dtype])
+    return MetaLearner(config.meta_config(), backbone)
+
+
+# ---- torchrun ---------------------------------------------------------------------------------
+
+
+@dataclass
+class World:
+    """This process's place in a torchrun job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @classmethod
+    def from_environment(cls, device_name: str) -> "World":
+        """Join the torchrun job named by RANK / WORLD_SIZE / MASTER_ADDR, if any: gloo on CPU,
+        nccl on CUDA. An already initialised default group is used as it is."""
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        if size <= 1:
+            return cls()
+        if not dist.is_available():
+            raise ValueError("WORLD_SIZE > 1 but this torch has no torch.distributed")
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        cuda = resolve_device(device_name, local_rank).type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
+        return cls(dist.get_rank(), dist.get_world_size(), local_rank, owns_group=True)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, batch: TaskBatch) -> TaskBatch:
+        """This rank's tasks [r·K/W, (r+1)·K/W) of the global batch."""
+        if self.size == 1:
+            return batch
+        per_rank = batch.tasks // self.size
+        part = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        return TaskBatch(*(getattr(batch, f.name)[part] for f in dataclasses.fields(TaskBatch)))
+
+    def average_hook(self):
+        """MetaLearner.gradient_hook: the mean over ranks of the meta-gradient, the loss and the
+        metrics, in one all_reduce."""
+
+        def hook(grads, loss, aux):
+            names, keys = list(grads), list(aux)
+            reference = loss.reshape(1)
+            flat = torch.cat([grads[n].reshape(-1) for n in names] + [reference,
+                             reference.new_tensor([aux[k] for k in keys])])
+            dist.all_reduce(flat)
+            flat /= self.size
+            out, offset = {}, 0
+            for name in names:
+                count = grads[name].numel()
+                out[name] = flat[offset:offset + count].view_as(grads[name])
+                offset += count
+            loss = flat[offset].clone()
+            return out, loss, dict(zip(keys, flat[offset + 1:].tolist()))
+
+        return hook
+
+    def simclr_ntxent(self, labels_per_rank: int):
+        """simclr's NT-Xent with negatives from every rank; this rank's labels are offset by
+        rank · labels_per_rank so that they are global identities."""
+        from bmssl.distributed import ntxent_gathered
+
+        def loss(z, labels, temperature, variant):
+            return ntxent_gathered(z, labels + self.rank * labels_per_rank, temperature, variant)
+
+        return loss
+
+    def agree(self, value: float) -> float:
+        """The max over ranks of `value` (so every rank takes the same branch)."""
+        if self.size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return float(tensor)
+
+    def close(self):
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+
+class Run:
+    """The state of a training run: config, data, learner, task generator, metrics."""
+
+    def __init__(self, config: TrainConfig, run_dir, world: World, show_data_progress=False):
+        self.config, self.run_dir, self.world = config, Path(run_dir), world
+        self.data = resolve_data(config, show_progress=show_data_progress and world.is_main)
+        self.device = resolve_device(config.device, world.local_rank)
+        self.dtype = DTYPES[config.dtype]
+        self.image_shape = (self.data.train.channels, *self.data.train.image_size)
+        self.pool = self.data.train.float(self.device, self.dtype)
+        self.augment = augment_config(config, self.data.train.channels)
+        if config.images_per_batch > len(self.data.train):
+            raise ValueError(f"{flag('images_per_batch')} (N={config.images_per_batch}) exceeds the "
+                             f"{len(self.data.train)} training images")
+        if config.tasks % world.size:
+            raise ValueError(f"{flag('tasks')} (K={config.tasks}) must be divisible by the {world.size} "
+                             "torchrun processes: each takes K/world tasks")
+        self.fingerprint = fingerprint(self.data.train.images)
+        self.learner = build_learner(config, self.image_shape, self.device, self.dtype)
+        if world.size > 1:
+            self.learner.gradient_hook = world.average_hook()
+            ways = config.images_per_batch // config.tasks
+            self.learner.simclr_ntxent = world.simclr_ntxent(config.tasks // world.size * ways)
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.history, self.evaluation, self.step = [], [], 0
+        self.plotted_at = time.monotonic()
+
+    def data_record(self) -> dict:
+        return {"description": self.data.description, "train": self.data.train.summary(),
+                "test": self.data.test.summary(), "train_fingerprint": self.fingerprint,
+                "image_shape": list(self.image_shape), "test_groups": self.data.test.groups}
+
+    def restore(self, state: dict):
+        """Continue from a loaded checkpoint (run_files.load_checkpoint)."""
+        if state["data"].get("train_fingerprint") != self.fingerprint:
+            raise ValueError(f"checkpoint {state['path']} was trained on other images ({state['data'].get('train')}) "
+                             f"than --data {self.config.data} gives now ({self.data.train.summary()}); "
+                             "resume with the data of the original run")
+        self.learner.load_state_dict(state["learner"])
+        self.generator.set_state(state["generator"].to(torch.uint8))
+        self.step = int(state["step"])
+        self.history = [row for row in state["history"] if row["step"] <= self.step]
+        if self.learner.steps_done != self.step:
+            raise ValueError(f"checkpoint {state['path']} is inconsistent: step {self.step} but the learner "
+                             f"has done {self.learner.steps_done} steps")
+
+    def save(self, status: str, final: bool = False):
+        """Rank 0: the checkpoint, then results.json (and curves.png, see write_results)."""
+        if not self.world.is_main:
+            return
+        run_files.save_checkpoint(self.run_dir / run_files.CHECKPOINT_NAME, step=self.step,
+                                  learner_state=self.learner.state_dict(), generator_state=self.generator.get_state(),
+                                  config=self.config.to_dict(), history=self.history, data=self.data_record(),
+                                  extra={"world_size": self.world.size, "bmssl_version": bmssl.__version__})
+        self.write_results(status, plot=final)
+
+    def write_results(self, status: str, error: str | None = None, plot: bool = True):
+        """results.json; curves.png too when `plot`, or when the last plot is PLOT_EVERY_S old
+        (matplotlib takes about a second, too slow for every checkpoint of a fast run)."""
+        if not self.world.is_main:
+            return
+        payload = {"bmssl_version": bmssl.__version__, "status": status, "step": self.step,
+                   "config": self.config.to_dict(), "data": self.data_record(), "world_size": self.world.size,
+                   "device": str(self.device), "torch": torch.__version__, "python": platform.python_version(),
+                   "threads": torch.get_num_threads(), "history": self.history, "eval": self.evaluation}
+        if error:
+            payload["error"] = error
+        run_files.write_json(self.run_dir / run_files.RESULTS_NAME, payload)
+        if not plot and time.monotonic() - self.plotted_at < PLOT_EVERY_S:
+            return
+        self.plotted_at = time.monotonic()
+        run_files.plot_curves(self.run_dir / run_files.CURVES_NAME, self.history,
+                              f"{self.config.method} on {self.config.data}, step {self.step}")
+
+    def next_batch(self) -> TaskBatch:
+        c = self.config
+        batch = make_tasks(self.pool, c.images_per_batch, c.tasks, c.support_views, c.query_views, self.augment,
+                           self.generator)
+        return self.world.shard(batch)
+
+
+def _log(world: World, message: str):
+    if world.is_main:
+        print(message, file=sys.stderr, flush=True)
+
+
+def train(config: TrainConfig, run_dir=None, resume=None, overrides: dict | None = None,
+          show_progress: bool | None = None) -> dict:
+    """Run (or continue) a training run; returns the results dict also written to results.json.
+
+    resume: a run directory or checkpoint file; its config is used, with `overrides` (a dict of
+    TrainConfig fields, e.g. the flags given on the command line) applied where RUN_CONTROL allows.
+    run_dir: where files go (default: the resumed checkpoint's folder). A new run refuses a
+    run_dir that already holds a checkpoint.
+    """
+    state = None
+    if resume is not None:
+        state = run_files.load_checkpoint(resume)
+        config = merge_resume_config(TrainConfig.from_dict(state["config"]), overrides or {}, state["path"])
+        run_dir = Path(run_dir) if run_dir is not None else Path(state["path"]).parent
+    elif run_dir is None:
+        raise ValueError("--out RUN_DIR is required: where the checkpoint, results.json and curves.png go")
+    config.validate()
+    if config.schedule_steps is None:  # fixed now, so that a later --steps keeps the schedule
+        config = replace(config, schedule_steps=max(config.steps, config.warmup_steps, 1))
+    run_dir = Path(run_dir).expanduser()
+    if state is None and (run_dir / run_files.CHECKPOINT_NAME).exists():
+        raise ValueError(f"{run_dir} already holds a run ({run_files.CHECKPOINT_NAME}); continue it with "
+                         f"--resume {run_dir}, or choose another --out")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    world = World.from_environment(config.device)
+    try:
+        return _train(config, run_dir, state, world, show_progress)
+    finally:
+        world.close()
+
+
+def merge_resume_config(saved: TrainConfig, overrides: dict, path) -> TrainConfig:
+    """The saved config with the run-control fields of `overrides` applied; any other field
+    that differs is an error (it would not continue the same run). --stop-after applies to one
+    invocation only: the saved one is dropped."""
+    saved, changes = replace(saved, stop_after=None), {}
+    for name, value in overrides.items():
+        if isinstance(value, list):
+            value = tuple(value)
+        if value == getattr(saved, name):
+            continue
+        if name not in RUN_CONTROL:
+            allowed = " ".join(flag(n) for n in RUN_CONTROL)
+            raise ValueError(f"{flag(name)} {value} differs from the value {getattr(saved, name)!r} of the run in "
+                             f"{path}; --resume continues a run as it was set up and only lets {allowed} change. "
+                             "Start a new run (another --out) to change it")
+        changes[name] = value
+    return replace(saved, **changes)
+
+
+def _train(config: TrainConfig, run_dir: Path, state, world: World, show_progress) -> dict:
+    started = time.perf_counter()
+    run = Run(config, run_dir, world, show_data_progress=config.progress)
+    if config.eval:
+        check_eval_feasible(config, run.data.test)
+    if state is not None:
+        run.restore(state)
+        _log(world, f"resumed {state['path']} at step {run.step}")
+    else:
+        run.save("running")  # step 0: claims the run directory, and a resume point from the start
+    if config.schedule == "cosine" and config.steps > run.learner.config.total_steps:
+        _log(world, f"warning: --steps {config.steps} runs past the cosine schedule's {run.learner.config.total_steps} "
+                    f"steps; after it the learning rate stays at --min-lr-ratio × β = "
+                    f"{config.min_lr_ratio * config.outer_lr:g}")
+    parameters = sum(p.numel() for p in run.learner.model.parameters())
+    _log(world, f"bmssl train: {config.method} on {run.data.train.summary()}\n  test: {run.data.test.summary()}\n"
+                f"  {run.data.description}\n  {config.backbone} ({parameters:,} parameters), "
+                f"N={config.images_per_batch} "
+                f"K={config.tasks} M1={config.support_views} M2={config.query_views} L={config.inner_steps} "
+                f"δ={config.target_steps} order={config.order}, device {run.device}, {torch.get_num_threads()} "
+                f"threads, world size {world.size}, out {run_dir}")
+
+    target = config.steps if config.method != "scratch" else run.step
+    if config.method == "scratch" and run.step == 0:
+        _log(world, "scratch: no training; θ is the seeded random initialisation")
+    if config.stop_after is not None:
+        target = min(target, run.step + config.stop_after)
+    status = _loop(run, target, show_progress)
+    if run.step >= config.steps or config.method == "scratch":
+        status = "finished"
+    run.save(status, final=True)
+    if status == "finished" and config.eval:
+        if world.is_main:
+            from bmssl.evaluation_cli import evaluate_models, format_table
+
+            rows = evaluate_models({config.method: run.learner}, run.data.test, config,
+                                   show_progress=config.progress and sys.stderr.isatty())
+            run.evaluation = rows
+            print(format_table(rows, f"few-shot accuracy (%) on {run.data.test.summary()}"), flush=True)
+            run.write_results(status, plot=False)
+    wall = time.perf_counter() - started
+    _log(world, f"{status} at step {run.step} in {wall:.1f}s: {run_dir / run_files.RESULTS_NAME}")
+    return {"status": status, "step": run.step, "history": run.history, "eval": run.evaluation,
+            "config": config.to_dict(), "run_dir": str(run_dir)}
+
+
+def _loop(run: Run, target: int, show_progress) -> str:
+    config, world = run.config, run.world
+    if run.step >= target:
+        return "stopped"
+    enabled = config.progress if show_progress is None else show_progress
+    bar = StepBar(total=config.steps, initial=run.step, desc=config.method, disable=not (enabled and world.is_main),
+                  every=config.log_every)
+    last_saved = run.step
+    try:
+        while run.step < target:
+            batch = run.next_batch()
+            try:
+                metrics = run.learner.step(batch)
+            except FloatingPointError as error:
+                message = (f"{error}. The last checkpoint is step {last_saved} in "
+                           f"{run.run_dir / run_files.CHECKPOINT_NAME}; lower --outer-lr or --inner-lr, or set "
+                           "--clip-grad-norm, and start again")
+                run.write_results("failed", message)
+                raise FloatingPointError(message) from None
+            run.step += 1
+            run.history.append({key: float(value) if key != "step" else int(value) for key, value in metrics.items()})
+            shown = {"loss": metrics["outer_loss"]}
+            if "query_accuracy" in metrics:
+                shown["acc"] = metrics["query_accuracy"]
+            shown["lr"] = metrics["lr"]
+            bar.update(**shown)
+            if run.step % config.checkpoint_every == 0 and run.step < target:
+                run.save("running")
+                last_saved = run.step
+    finally:
+        bar.close()
+    return "stopped"
+
+
+def check_eval_feasible(config: TrainConfig, test) -> None:
+    """Fail before training, not after it, when the test set cannot hold the requested episodes."""
+    from bmssl.eval import EpisodeSampler
+
+    for ways, shots in parse_settings(config.eval_settings):
+        try:
+            EpisodeSampler(test.labels, ways, shots, config.queries)
+        except ValueError as error:
+            raise ValueError(f"--eval-settings {ways}w{shots}s on the test set ({test.summary()}): {error}; "
+                             "lower the ways, shots or --queries") from None
+
+
+# ---- command line -----------------------------------------------------------------------------
+
+
+def _optional_int(text: str):
+    return None if text.lower() == "none" else int(text)
+
+
+def _optional_float(text: str):
+    return None if text.lower() == "none" else float(text)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `bmssl train`. Every flag defaults to argparse.SUPPRESS, so the parsed
+    namespace holds only what was given (TrainConfig supplies the defaults shown in --help, and
+    --resume can tell which settings the command line changes)."""
+    d = TrainConfig()
+    S = argparse.SUPPRESS
+
+    def add(group, name, help, **kwargs):
+        if "type" in kwargs and "metavar" not in kwargs and "choices" not in kwargs:
+            kwargs["metavar"] = "FLOAT" if kwargs["type"] in (float, _optional_float) else "INT"
+        shown = "" if "default:" in help else f" (default: {_shown(getattr(d, name))})"
+        group.add_argument(flag(name), *ALIASES.get(name, []), dest=name, default=S, help=help + shown, **kwargs)
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", "-o", default=S, metavar="RUN_DIR",
+                     help="run directory: checkpoint.pt, results.json, curves.png (required for a new run; "
+                          "with --resume, defaults to the checkpoint's folder)")
+    run.add_argument("--resume", default=S, metavar="RUN_DIR_OR_CHECKPOINT",
+                     help="continue a run exactly where its checkpoint left it; only the run-control and "
+                          "evaluation flags may change")
+    add(run, "method", "bmssl (bootstrapped KL outer loss), metassl (query task loss), simclr (NT-Xent, no "
+        "meta level) or scratch (no training: the seeded random init)", choices=METHODS)
+    add(run, "steps", "outer steps of the whole run", type=int)
+    add(run, "stop_after", "stop after this many steps in this invocation (continue with --resume)", type=int)
+    add(run, "seed", "seeds the backbone, the heads, the task generator and (by default) the split", type=int)
+    add(run, "device", "auto, cpu, cuda or cuda:N")
+    add(run, "dtype", "parameter and image dtype", choices=tuple(DTYPES))
+    add(run, "threads", "torch CPU threads (default: torch's choice)", type=int)
+    add(run, "checkpoint_every", "write checkpoint.pt and results.json every this many steps", type=int)
+    add(run, "log_every", "without a terminal, print a progress line every this many steps", type=int)
+    add(run, "progress", "show progress", action=argparse.BooleanOptionalAction)
+
+    data = parser.add_argument_group("data")
+    add(data, "data", DATA_HELP, metavar="SPEC")
+    add(data, "eval_data", "test on all of this spec (same forms as --data) instead of a held-out split of "
+        "--data, and train on all of --data", metavar="SPEC")
+    add(data, "image_size", "image side in pixels", type=int)
+    add(data, "channels", "folder: data only: 1 (grayscale) or 3 (RGB)", type=int)
+    add(data, "test_fraction", "fraction of the groups (alphabets) held out for testing", type=float)
+    add(data, "split_seed", "seed of the train/test split (default: --seed)", type=int)
+    add(data, "augment", "view augmentations: auto (omniglot preset for 1 channel, rgb for 3), omniglot, rgb, "
+        "none", choices=AUGMENTS)
+
+    tasks = parser.add_argument_group("tasks (paper §4.1)")
+    add(tasks, "images_per_batch", "N, unlabelled images per batch", type=int)
+    add(tasks, "tasks", "K, tasks per batch (each N/K-way)", type=int)
+    add(tasks, "support_views", "M1, support views per image", type=int)
+    add(tasks, "query_views", "M2, query views per image", type=int)
+
+    model = parser.add_argument_group("model")
+    add(model, "backbone", "backbone", choices=BACKBONES)
+    add(model, "hidden", "conv4 channels", type=int)
+    add(model, "depth", "conv4 blocks", type=int)
+    add(model, "widths", "resnet12 block widths (default: 16 32 64 128)", type=int, nargs="+")
+    add(model, "norm", "normalisation layers", choices=NORMS)
+    add(model, "projection_dim", "d, output size of the projection head g", type=int)
+    add(model, "projection_hidden", "hidden size of g (default: min(feature size, 512))", type=_optional_int)
+    add(model, "head", "zero (per-task head at 0) or shared (meta-learned)", choices=HEADS)
+
+    loop = parser.add_argument_group("two-level loop (paper eqs. 1-3)")
+    add(loop, "inner_steps", "L, inner SGD steps", type=int)
+    add(loop, "target_steps", "δ, extra steps of the bootstrap target (bmssl)", type=int)
+    add(loop, "order", "2: through the inner gradients; 1: first order", type=int, choices=(1, 2))
+    add(loop, "inner_lr", "α, inner learning rate", type=float)
+    add(loop, "outer_lr", "β, peak Adam learning rate", type=float)
+    add(loop, "contrastive_weight", "λ, weight of the NT-Xent term of the task loss", type=float)
+    add(loop, "temperature", "τ, NT-Xent temperature", type=float)
+    add(loop, "kl_temperature", "T of the bootstrap KL's softmax", type=float)
+    add(loop, "variant", "NT-Xent with several positives: in (paper eq. 1) or out (SupCon)", choices=VARIANTS)
+    add(loop, "contrastive_views", "views of the inner NT-Xent: auto, support, all", choices=CONTRASTIVE_VIEWS)
+    add(loop, "target_data", "data of the δ target steps", choices=TARGET_DATA)
+    add(loop, "weight_decay", "Adam weight decay", type=float)
+    add(loop, "schedule", "outer learning-rate schedule after the warm-up", choices=SCHEDULES)
+    add(loop, "warmup_steps", "linear warm-up steps", type=int)
+    add(loop, "schedule_steps", "length of the cosine schedule (default: --steps of the first invocation)",
+        type=int)
+    add(loop, "min_lr_ratio", "the cosine ends at this fraction of β", type=float)
+    add(loop, "clip_grad_norm", "clip the meta-gradient norm (none: no clipping)", type=_optional_float)
+
+    evaluation = parser.add_argument_group("few-shot evaluation")
+    add_eval_arguments(evaluation, add)
+
+
+def add_eval_arguments(group, add) -> None:
+    """Evaluation flags shared by `bmssl train` and `bmssl eval`."""
+    add(group, "eval", "evaluate on the test set at the end of the run", action=argparse.BooleanOptionalAction)
+    add(group, "eval_settings", "N-way K-shot settings, e.g. 5w1s 5w5s 20w1s", nargs="+", metavar="WwSs")
+    add(group, "episodes", "episodes per setting and protocol", type=int)
+    add(group, "protocols", "proto (cosine to prototypes) and/or finetune (L SGD steps from θ)", nargs="+",
+        choices=PROTOCOLS)
+    add(group, "queries", "query images per class in an episode", type=int)
+    add(group, "eval_batch", "episodes evaluated at once (vmap)", type=int)
+    add(group, "eval_seed", "seed of the episodes (the same episodes for every model)", type=int)
+    add(group, "finetune_steps", "finetune SGD steps (default: L)", type=_optional_int)
+    add(group, "finetune_lr", "finetune learning rate (default: α)", type=_optional_float)
+
+
+def _shown(value):
+    if isinstance(value, (tuple, list)):
+        return " ".join(map(str, value))
+    return value
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields given on the command line."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {name: value for name, value in vars(args).items() if name in names}
+
+
+def main(args: argparse.Namespace) -> int:
+    """`bmssl train`: build the config from the flags (or the checkpoint, with --resume) and run."""
+    overrides = config_overrides(args)
+    resume = getattr(args, "resume", None)
+    out = getattr(args, "out", None)
+    if resume is None:
+        config = TrainConfig(**overrides)
+        train(config, out)
+    else:
+        train(TrainConfig(), out, resume=resume, overrides=overrides)
+    return 0

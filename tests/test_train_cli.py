@@ -1,0 +1,276 @@
+"""`bmssl train` and `bmssl eval` (bmssl/training.py, bmssl/evaluation_cli.py, bmssl/run_files.py):
+run files, exact resume, clear errors, the few-shot table, and torchrun with 2 gloo processes
+equal to one process. Runs use a tiny synthetic class-folder set (4 alphabets x 4 characters x 8
+images, 16x16 grayscale) and a conv net of width 4: each run takes about a second."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bmssl import cli, run_files
+from bmssl.data.omniglot import DEFAULT_DIR, ENV_VAR
+from bmssl.training import Run, TrainConfig, World, resolve_data
+
+# A run small enough for the shared CI cores; float64 so that the torchrun comparison is tight.
+TINY = ["--channels", "1", "--image-size", "16", "-N", "6", "-K", "2", "--M2", "2", "-L", "1", "--delta", "1",
+        "--hidden", "4", "--depth", "2", "--projection-dim", "4", "--warmup", "2", "--threads", "1",
+        "--dtype", "float64", "--no-progress"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> str:
+    """folder:<root> spec of root/alphabetG/charC/I.png: each character a random 8x8 pattern, its
+    instances that pattern plus noise, upscaled to 16x16."""
+    root = tmp_path_factory.mktemp("glyph_folder")
+    rng = np.random.default_rng(0)
+    for group in range(4):
+        for character in range(4):
+            pattern = (rng.random((8, 8)) > 0.6).astype(np.float64)
+            target = root / f"alphabet{group}" / f"char{character}"
+            target.mkdir(parents=True)
+            for index in range(8):
+                pixels = np.clip(pattern + 0.35 * rng.standard_normal((8, 8)), 0, 1)
+                image = Image.fromarray((pixels * 255).astype(np.uint8), "L").resize((16, 16), Image.NEAREST)
+                image.save(target / f"{index}.png")
+    return f"folder:{root}"
+
+
+def bmssl(*args, capsys=None):
+    """Run the CLI in this process; returns (exit status, stdout, stderr)."""
+    if capsys is not None:
+        capsys.readouterr()
+    try:
+        status = cli.main([str(a) for a in args])
+    except SystemExit as exit_:  # argparse errors
+        status = exit_.code
+    out = capsys.readouterr() if capsys is not None else None
+    return status, out.out if out else "", out.err if out else ""
+
+
+def results(run_dir) -> dict:
+    return json.loads((Path(run_dir) / "results.json").read_text())
+
+
+def losses(run_dir) -> list:
+    return [row["outer_loss"] for row in results(run_dir)["history"]]
+
+
+def theta(run_dir) -> dict:
+    return run_files.load_checkpoint(run_dir)["learner"]["model"]
+
+
+def test_short_run_writes_checkpoint_results_curves_and_the_table(folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    status, out, err = bmssl("train", "--data", folder, *TINY, "--steps", 4, "--checkpoint-every", 2, "--out", run,
+                             "--eval", "--eval-settings", "2w1s", "3w2s", "--episodes", 10, "--queries", 3,
+                             capsys=capsys)
+    assert status == 0, err
+    saved = run_files.load_checkpoint(run)
+    assert saved["step"] == 4 and saved["learner"]["steps_done"] == 4
+    assert saved["config"]["images_per_batch"] == 6 and saved["config"]["schedule_steps"] == 4
+    assert saved["generator"].dtype == torch.uint8
+    payload = results(run)
+    assert payload["status"] == "finished" and payload["step"] == 4
+    assert [row["step"] for row in payload["history"]] == [1, 2, 3, 4]
+    assert all(np.isfinite(row["outer_loss"]) for row in payload["history"])
+    assert payload["config"]["method"] == "bmssl" and payload["data"]["test_groups"]
+    assert {(r["setting"], r["protocol"]) for r in payload["eval"]} == {
+        (s, p) for s in ("2w1s", "3w2s") for p in ("proto", "finetune")}
+    assert all(0 <= r["mean"] <= 1 and r["ci95"] >= 0 and r["episodes"] == 10 for r in payload["eval"])
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(run.glob(".*.tmp")), "a temporary file was left behind"
+    assert "setting" in out and "2w1s" in out and "3w2s" in out and "±" in out
+    assert "finished at step 4" in err
+
+
+def test_resume_continues_exactly(folder, tmp_path, capsys):
+    """Interrupted (--stop-after, twice) then resumed equals the uninterrupted run: the same
+    losses and the same θ, bit for bit on CPU."""
+    common = ["--data", folder, *TINY, "--checkpoint-every", 3]
+    assert bmssl("train", *common, "--steps", 8, "--out", tmp_path / "whole", capsys=capsys)[0] == 0
+    assert bmssl("train", *common, "--steps", 8, "--stop-after", 3, "--out", tmp_path / "parts", capsys=capsys)[0] == 0
+    assert results(tmp_path / "parts")["status"] == "stopped" and len(losses(tmp_path / "parts")) == 3
+    assert bmssl("train", "--resume", tmp_path / "parts", "--stop-after", 2, capsys=capsys)[0] == 0
+    assert len(losses(tmp_path / "parts")) == 5
+    status, _, err = bmssl("train", "--resume", tmp_path / "parts", capsys=capsys)  # the rest: 3 steps
+    assert status == 0, err
+    assert "resumed" in err and results(tmp_path / "parts")["status"] == "finished"
+    assert losses(tmp_path / "parts") == losses(tmp_path / "whole")
+    whole, parts = theta(tmp_path / "whole"), theta(tmp_path / "parts")
+    assert all(torch.equal(whole[name], parts[name]) for name in whole)
+
+    # --steps 4, then --resume --steps 8 (a constant schedule does not depend on the length).
+    constant = [*common, "--schedule", "constant"]
+    assert bmssl("train", *constant, "--steps", 8, "--out", tmp_path / "c8", capsys=capsys)[0] == 0
+    assert bmssl("train", *constant, "--steps", 4, "--out", tmp_path / "c4", capsys=capsys)[0] == 0
+    assert bmssl("train", "--resume", tmp_path / "c4" / "checkpoint.pt", "--steps", 8, capsys=capsys)[0] == 0
+    assert losses(tmp_path / "c4") == losses(tmp_path / "c8")
+
+
+def test_resume_refuses_other_hyperparameters_and_a_new_run_refuses_an_old_directory(folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert bmssl("train", "--data", folder, *TINY, "--steps", 2, "--out", run, capsys=capsys)[0] == 0
+    status, _, err = bmssl("train", "--resume", run, "--inner-lr", 0.5, capsys=capsys)
+    assert status == 2 and "--inner-lr 0.5 differs" in err and "Traceback" not in err
+    status, _, err = bmssl("train", "--data", folder, *TINY, "--out", run, capsys=capsys)
+    assert status == 2 and "already holds a run" in err and f"--resume {run}" in err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "not_bmssl", "empty"])
+def test_a_damaged_checkpoint_gives_a_clear_error(folder, tmp_path, capsys, damage):
+    run = tmp_path / "run"
+    assert bmssl("train", "--data", folder, *TINY, "--steps", 1, "--out", run, capsys=capsys)[0] == 0
+    path = run / "checkpoint.pt"
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        path.write_bytes(os.urandom(4096))
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        torch.save({"weights": torch.zeros(3)}, path)
+    for command in (("train", "--resume", run), ("eval", "--checkpoint", run)):
+        status, _, err = bmssl(*command, capsys=capsys)
+        assert status == 2, err
+        assert str(path) in err and "Traceback" not in err
+        assert ("corrupt or truncated" if damage != "not_bmssl" else "not a bmssl training checkpoint") in err
+    status, _, err = bmssl("train", "--resume", tmp_path / "nowhere", capsys=capsys)
+    assert status == 2 and "checkpoint not found" in err
+
+
+def test_a_missing_data_path_names_the_path_and_the_fix(tmp_path, capsys, monkeypatch):
+    for spec in (f"folder:{tmp_path / 'absent'}", str(tmp_path / "omniglot.zip")):
+        status, _, err = bmssl("train", "--data", spec, "--out", tmp_path / "run", capsys=capsys)
+        assert status == 2 and str(tmp_path) in err and "does not exist" in err and "--data glyphs" in err
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "no_omniglot"))
+    status, _, err = bmssl("train", "--data", "omniglot", "--out", tmp_path / "run", capsys=capsys)
+    assert status == 2 and str(tmp_path / "no_omniglot") in err and ENV_VAR in err and "--data glyphs" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["-N", 10, "-K", 3], "--images-per-batch (N=10) must be divisible by --tasks (K=3)"),
+    (["-N", 4, "-K", 4], "each task needs >= 2 ways"),
+    (["--inner-lr", -1], "--inner-lr must be a finite number > 0"),
+    (["--steps", -1], "--steps must be an integer >= 0"),
+    (["--test-fraction", 1.5], "--test-fraction must lie in (0.0, 1.0)"),
+    (["--delta", 0], "--method bmssl needs --target-steps >= 1"),
+    (["--eval-settings", "5way"], "few-shot setting '5way' is not <ways>w<shots>s"),
+    (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
+    (["--contrastive-views", "support"], "--contrastive-views support needs --support-views >= 2"),
+    (["-N", 400], "exceeds the 96 training images"),
+    (["--eval", "--eval-settings", "9w1s"], "--eval-settings 9w1s on the test set"),
+])
+def test_bad_flag_values_error_clearly(folder, tmp_path, capsys, flags, message):
+    status, _, err = bmssl("train", "--data", folder, *TINY, *flags, "--out", tmp_path / "run", capsys=capsys)
+    assert status == 2 and message in err and "Traceback" not in err, err
+
+
+def test_argparse_rejects_malformed_values(capsys):
+    status, _, err = bmssl("train", "--steps", "many", "--out", "x", capsys=capsys)
+    assert status == 2 and "--steps" in err and "invalid" in err
+    status, _, err = bmssl("train", "--method", "maml", "--out", "x", capsys=capsys)
+    assert status == 2 and "invalid choice" in err
+
+
+def test_a_non_finite_loss_stops_and_names_the_step(folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    status, _, err = bmssl("train", "--data", folder, *TINY, "--dtype", "float32", "-L", 3, "--inner-lr", 1e8,
+                           "--steps", 4, "--out", run,
+                           capsys=capsys)
+    assert status == 2 and "outer step 1" in err and "nan" in err.lower() and "--inner-lr" in err
+    payload = results(run)
+    assert payload["status"] == "failed" and "outer step 1" in payload["error"]
+    assert run_files.load_checkpoint(run)["step"] == 0  # the step-0 checkpoint stands
+
+
+def test_eval_prints_the_table_for_a_checkpoint_and_the_scratch_baseline(folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert bmssl("train", "--data", folder, *TINY, "--steps", 2, "--out", run, capsys=capsys)[0] == 0
+    arguments = ["eval", "--checkpoint", run, "--method", "scratch", "--settings", "2w1s", "3w1s",
+                 "--episodes", 12, "--queries", 3, "--protocols", "proto", "finetune", "--no-progress"]
+    status, out, err = bmssl(*arguments, "--json", tmp_path / "eval.json", capsys=capsys)
+    assert status == 0, err
+    lines = out.splitlines()
+    assert any(line.startswith("2w1s") and "bmssl [run]" in line for line in lines)
+    assert any(line.startswith("3w1s") and "scratch [seed 0]" in line for line in lines)
+    assert "proto" in out and "finetune" in out and "±" in out
+    stored = json.loads((tmp_path / "eval.json").read_text())
+    assert len(stored["results"]) == 2 * 2 * 2 and stored["models"]["bmssl [run]"]["step"] == 2
+    # Scratch alone, with the architecture given by flags, is the same seeded model: same numbers.
+    status, out_alone, err = bmssl("eval", "--method", "scratch", "--data", folder, *TINY[:2], "--image-size", 16,
+                                   "--hidden", 4, "--depth", 2, "--projection-dim", 4, "-L", 1,
+                                   "--dtype", "float64", "--settings", "2w1s", "3w1s", "--episodes", 12,
+                                   "--queries", 3, "--no-progress", capsys=capsys)
+    assert status == 0, err
+    scratch_rows = [line for line in out.splitlines() if "scratch" in line]
+    assert scratch_rows == [line for line in out_alone.splitlines() if "scratch" in line]
+    status, _, err = bmssl("eval", "--settings", "5w1s", capsys=capsys)
+    assert status == 2 and "nothing to evaluate" in err
+
+
+@pytest.mark.parametrize("method", ["bmssl", "simclr"])
+def test_torchrun_two_gloo_processes_equal_one_process(folder, tmp_path, capsys, method):
+    """K = 4 tasks: each of 2 ranks draws the same global batch from the shared seed and keeps 2
+    tasks; averaged meta-gradients give the single-process losses and θ (float64, up to the
+    summation order). simclr gathers its negatives from both ranks."""
+    common = ["--data", folder, *TINY, "-N", 8, "-K", 4, "--steps", 3, "--method", method]
+    assert bmssl("train", *common, "--out", tmp_path / "one", capsys=capsys)[0] == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "bmssl", "train", *map(str, common), "--out", str(tmp_path / "two")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert results(tmp_path / "two")["world_size"] == 2
+    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-12, atol=0)
+    one, two = theta(tmp_path / "one"), theta(tmp_path / "two")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-9)
+
+
+def test_tasks_must_divide_among_the_torchrun_processes(folder, tmp_path):
+    config = TrainConfig(data=folder, channels=1, image_size=16, images_per_batch=6, tasks=3, hidden=4, depth=2)
+    with pytest.raises(ValueError, match="must be divisible by the 2 torchrun processes"):
+        Run(config, tmp_path, World(rank=0, size=2))
+
+
+@pytest.mark.skipif(not (DEFAULT_DIR / "images_background_small1.zip").exists()
+                    and not os.environ.get(ENV_VAR),
+                    reason=f"Omniglot zips absent (expected in {DEFAULT_DIR} or ${ENV_VAR})")
+def test_omniglot_trains_on_small1_and_tests_on_alphabets_only_in_small2():
+    split = resolve_data(TrainConfig(data="omniglot"))
+    assert set(split.train.groups) == {"Balinese", "Early_Aramaic", "Greek", "Korean", "Latin"}
+    assert set(split.test.groups) == {"Japanese_(katakana)", "Sanskrit", "Tagalog"}
+    assert split.train.image_size == (28, 28) and split.train.channels == 1
+
+
+def test_glyph_like_folder_split_is_by_group_and_deterministic(folder):
+    config = TrainConfig(data=folder, channels=1, image_size=16, test_fraction=0.25, seed=3)
+    first, again = resolve_data(config), resolve_data(config)
+    assert first.test.groups == again.test.groups and len(first.test.groups) == 1
+    assert not set(first.train.groups) & set(first.test.groups)
+    other = resolve_data(TrainConfig(data=folder, channels=1, image_size=16, test_fraction=0.25, seed=3, split_seed=0))
+    assert len(other.test.groups) == 1
+
+
+def test_help_lists_train_and_eval(capsys):
+    status, out, _ = bmssl("--help", capsys=capsys)
+    assert status == 0 and "train" in out and "eval" in out
+    status, out, _ = bmssl("train", "--help", capsys=capsys)
+    for needle in ("--images-per-batch", "--target-steps", "--resume", "--eval-settings", "--kl-temperature",
+                   "default: 40"):
+        assert needle in out, needle

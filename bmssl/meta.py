@@ -72,6 +72,7 @@ class MetaConfig:
     contrastive_views: str = "auto"    # "auto" | "support" | "all"
     target_data: str = "support"       # data of the δ target steps: "support" | "support+query"
     kl_temperature: float = 1.0        # T of π_w = softmax(logits / T)
+    task_loss_weight: float = 0.0      # bmssl: + this × MetaSSL's query task loss of w_L (0: eq. 3 alone)
     head: str = "zero"                 # "zero": per-task head at 0 | "shared": meta-learned
     ways: int | None = None            # needed by head="shared"
     projection_dim: int = 64           # d
@@ -105,6 +106,7 @@ class MetaConfig:
         _positive("kl_temperature", self.kl_temperature)
         _positive("outer_lr", self.outer_lr)
         _non_negative("contrastive_weight", self.contrastive_weight)
+        _non_negative("task_loss_weight", self.task_loss_weight)
         _non_negative("weight_decay", self.weight_decay)
         if self.projection_hidden is not None:
             _integer("projection_hidden", self.projection_hidden, 1)
@@ -273,15 +275,24 @@ def bootstrap_target(model, adapted, support, support_labels, query, query_label
 
 def outer_objective(model, adapted, support, support_labels, query, query_labels, config, plan, target=None):
     """The outer loss of w_L = `adapted` on the query views. bmssl: KL(π_target ‖ π_{w_L}), with
-    the target w_{L+δ} computed from stopgrad(w_L) unless given; metassl: l(w_L; query).
-    Returns (loss, query logits of w_L)."""
+    the target w_{L+δ} computed from stopgrad(w_L) unless given, plus task_loss_weight × the
+    metassl loss; metassl: l(w_L; query). Returns (loss, query logits of w_L).
+
+    task_loss_weight > 0 is bmssl's remedy for collapse: on real Omniglot the KL alone is
+    minimised by shrinking the features until the δ target steps change nothing (README,
+    "Results"); the task loss, the meta-objective Bootstrapped Meta-Learning pairs with its
+    matching term, keeps them informative."""
+    extra = (support, support_labels) if plan.outer_uses_support else (None, None)
     if config.method == "bmssl":
-        logits = model.logits(adapted, model.features(adapted, query))
+        features = model.features(adapted, query)
+        logits = model.logits(adapted, features)
         if target is None:
             target = bootstrap_target(model, adapted, support, support_labels, query, query_labels, config, plan)
         target_logits = model.logits(target, model.features(target, query)).detach()
-        return kl_bootstrap(logits, target_logits, config.kl_temperature), logits
-    extra = (support, support_labels) if plan.outer_uses_support else (None, None)
+        loss = kl_bootstrap(logits, target_logits, config.kl_temperature)
+        if config.task_loss_weight > 0:
+            loss = loss + config.task_loss_weight * task_loss(model, adapted, query, query_labels, config, *extra)[0]
+        return loss, logits
     return task_loss(model, adapted, query, query_labels, config, *extra)
 
 

@@ -102,6 +102,7 @@ class TrainConfig:
     contrastive_weight: float = 1.0      # λ
     temperature: float = 0.5             # τ
     kl_temperature: float = 1.0          # T
+    task_loss_weight: float = 0.0        # bmssl: weight of MetaSSL's query loss beside the KL
     variant: str = "in"
     contrastive_views: str = "auto"
     target_data: str = "support"
@@ -169,7 +170,7 @@ class TrainConfig:
         for name in ("clip_grad_norm", "finetune_lr"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
-        for name in ("contrastive_weight", "weight_decay"):
+        for name in ("contrastive_weight", "weight_decay", "task_loss_weight"):
             _real(name, getattr(self, name), 0.0, math.inf)
         _real("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         _real("test_fraction", self.test_fraction, 0.0, 1.0, open_ends=True)
@@ -210,7 +211,7 @@ class TrainConfig:
             target_steps=self.target_steps, order=self.order, contrastive_weight=self.contrastive_weight,
             contrastive_temperature=self.temperature, contrastive_variant=self.variant,
             contrastive_views=self.contrastive_views, target_data=self.target_data,
-            kl_temperature=self.kl_temperature, head=self.head,
+            kl_temperature=self.kl_temperature, task_loss_weight=self.task_loss_weight, head=self.head,
             ways=self.images_per_batch // self.tasks if self.head == "shared" else None,
             projection_dim=self.projection_dim, projection_hidden=self.projection_hidden,
             outer_lr=self.outer_lr, weight_decay=self.weight_decay, schedule=self.schedule,
@@ -801,6 +802,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add(loop, "contrastive_weight", "λ, weight of the NT-Xent term of the task loss", type=float)
     add(loop, "temperature", "τ, NT-Xent temperature", type=float)
     add(loop, "kl_temperature", "T of the bootstrap KL's softmax", type=float)
+    add(loop, "task_loss_weight", "bmssl: add this x MetaSSL's query loss to the KL (0: paper eq. 3 "
+        "alone, which collapsed on Omniglot; 1 fixed it, see README)", type=float)
     add(loop, "variant", "NT-Xent with several positives: in (paper eq. 1) or out (SupCon)", choices=VARIANTS)
     add(loop, "contrastive_views", "views of the inner NT-Xent: auto, support, all", choices=CONTRASTIVE_VIEWS)
     add(loop, "target_data", "data of the δ target steps", choices=TARGET_DATA)

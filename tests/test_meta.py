@@ -346,3 +346,20 @@ def test_backbones_shapes_and_functional_call():
         ConvNet((1, 8, 8), depth=2, norm="layer")
     with pytest.raises(ValueError, match="feature_dim"):
         FewShotModel(torch.nn.Linear(3, 3))
+
+
+def test_task_loss_weight_adds_the_metassl_loss_to_the_kl():
+    """bmssl with task_loss_weight w: outer = KL + w * (metassl outer loss), as a value and in
+    its meta-gradient; w = 0 is paper eq. 3 alone; a negative weight is refused."""
+    batch = random_batch(seed=3)
+    results = {}
+    for name, method, weight in (("kl", "bmssl", 0.0), ("task", "metassl", 0.0), ("both", "bmssl", 0.7)):
+        learner = tiny_learner(method=method, task_loss_weight=weight, target_steps=2, inner_steps=2)
+        theta = meta.detached(learner.model.meta_parameters())
+        grads, loss, _ = meta.meta_gradient(learner.model, theta, learner._prepare(batch), learner.config)
+        results[name] = (loss, grads)
+    torch.testing.assert_close(results["both"][0], results["kl"][0] + 0.7 * results["task"][0])
+    for key in results["both"][1]:
+        torch.testing.assert_close(results["both"][1][key], results["kl"][1][key] + 0.7 * results["task"][1][key])
+    with pytest.raises(ValueError, match="task_loss_weight"):
+        MetaConfig(task_loss_weight=-1.0)

@@ -10,20 +10,15 @@ import itertools
 import torch
 from bmssl.progress import progress
 
-from bmssl import backends, reference
+from bmssl import reference
 from bmssl.bench import common
 from bmssl.ops.kl_bootstrap import SUPPORT, kl_bootstrap
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = common.DTYPES
 
 
 def providers(device, dtype, with_compile):
-    names = ["torch"] + (["torch_compile"] if with_compile else [])
-    for backend in ("cpu", "cuda", "triton"):
-        usable = backends.input_reason(backend, SUPPORT, device, dtype) is None
-        if usable and not (backend == "triton" and device.type == "cpu"):
-            names.append(f"bmssl-{backend}")
-    return names
+    return common.bmssl_providers(SUPPORT, device, dtype, with_compile)
 
 
 def loss_fn(provider, temperature):

@@ -13,6 +13,7 @@ import torch
 
 from bmssl import _extension, backends, reference
 from bmssl import triton as bmssl_triton
+from bmssl.ops._vmap import fold_vmapped_dim
 from bmssl.reference.kl_bootstrap import accumulation_dtype
 from bmssl.validate import check_kl_bootstrap
 
@@ -75,16 +76,6 @@ def _register_autograd(rows_op, backward_op):
     torch.library.register_autograd(backward_op, backward_backward, setup_context=setup_backward)
 
 
-def _rows_first(args, in_dims, batch_size):
-    """vmap helper: move each tensor's vmapped dim to the front (expanding unbatched ones) and
-    fold it into the row dim."""
-    out = []
-    for x, dim in zip(args, in_dims):
-        x = x.movedim(dim, 0) if dim is not None else x.expand(batch_size, *x.shape)
-        out.append(x.reshape(-1, *x.shape[2:]))
-    return out
-
-
 class KLRows(torch.autograd.Function):
     """(row_kl, row_lse) = rows_op(student [R, C], target [R, C], T), for autograd and torch.func."""
 
@@ -107,7 +98,7 @@ class KLRows(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, student, target, temperature, backend):
-        s, t = _rows_first((student, target), in_dims[:2], info.batch_size)
+        s, t = fold_vmapped_dim((student, target), in_dims[:2], info.batch_size)
         row_kl, row_lse = KLRows.apply(s, t, temperature, backend)
         return (row_kl.reshape(info.batch_size, -1), row_lse.reshape(info.batch_size, -1, 2)), (0, 0)
 
@@ -133,7 +124,7 @@ class KLRowsBackward(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, grad_row_kl, student, target, row_lse, temperature, backend):
-        args = _rows_first((grad_row_kl, student, target, row_lse), in_dims[:4], info.batch_size)
+        args = fold_vmapped_dim((grad_row_kl, student, target, row_lse), in_dims[:4], info.batch_size)
         grad = KLRowsBackward.apply(*args, temperature, backend)
         return grad.reshape(info.batch_size, -1, grad.shape[-1]), 0
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from bmssl import _extension, backends, reference
 from bmssl import triton as bmssl_triton
+from bmssl.ops._vmap import fold_vmapped_dim
 from bmssl.reference.kl_bootstrap import accumulation_dtype
 from bmssl.validate import check_ntxent, check_ntxent_rect
 
@@ -157,16 +158,6 @@ if bmssl_triton.triton is not None:
     _register_raw(*OPS["triton"])
 
 
-def _fold_tasks(args, in_dims, batch_size):
-    """vmap helper: move the vmapped dim to the front (expanding unbatched tensors) and fold it
-    into the leading task dim."""
-    out = []
-    for x, dim in zip(args, in_dims):
-        x = x.movedim(dim, 0) if dim is not None else x.expand(batch_size, *x.shape)
-        out.append(x.reshape(-1, *x.shape[2:]))
-    return out
-
-
 class NTXentLoss(torch.autograd.Function):
     """task_loss [T], row_stats = ntxent_forward(u [T, B, d], labels [T, B], inv_tau, variant)."""
 
@@ -189,7 +180,7 @@ class NTXentLoss(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, u, labels, inv_tau, variant, backend):
-        u, labels = _fold_tasks((u, labels), in_dims[:2], info.batch_size)
+        u, labels = fold_vmapped_dim((u, labels), in_dims[:2], info.batch_size)
         task_loss, stats = NTXentLoss.apply(u, labels, inv_tau, variant, backend)
         return ((task_loss.reshape(info.batch_size, -1),
                  stats.reshape(info.batch_size, -1, *stats.shape[1:])), (0, 0))
@@ -217,7 +208,7 @@ class NTXentBackward(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, grad_task_loss, u, labels, stats, inv_tau, variant, backend):
-        args = _fold_tasks((grad_task_loss, u, labels, stats), in_dims[:4], info.batch_size)
+        args = fold_vmapped_dim((grad_task_loss, u, labels, stats), in_dims[:4], info.batch_size)
         grad_u = NTXentBackward.apply(*args, inv_tau, variant, backend)
         return grad_u.reshape(info.batch_size, -1, *grad_u.shape[1:]), 0
 
@@ -239,7 +230,7 @@ class NTXentDoubleBackward(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, grad_grad_u, grad_task_loss, u, labels, stats, inv_tau, variant, backend):
-        args = _fold_tasks((grad_grad_u, grad_task_loss, u, labels, stats), in_dims[:5], info.batch_size)
+        args = fold_vmapped_dim((grad_grad_u, grad_task_loss, u, labels, stats), in_dims[:5], info.batch_size)
         d_grad, d_u = NTXentDoubleBackward.apply(*args, inv_tau, variant, backend)
         return ((d_grad.reshape(info.batch_size, -1), d_u.reshape(info.batch_size, -1, *d_u.shape[1:])),
                 (0, 0))

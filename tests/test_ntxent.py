@@ -38,8 +38,8 @@ def value_grad_hvp(loss_fn, z, upstream, direction):
 
 def compare(backend, z, labels, temperature, variant, normalize=True):
     dtype = z.dtype
-    upstream = torch.randn((), dtype=torch.float64)
-    direction = torch.randn(z.shape, dtype=torch.float64)
+    upstream = torch.randn((), dtype=torch.float64, device=z.device)
+    direction = torch.randn(z.shape, dtype=torch.float64, device=z.device)
 
     def fused(x):
         return bmssl.ntxent(x, labels, temperature, variant, normalize, backend=backend)
@@ -220,37 +220,106 @@ def test_raw_op_rejects_bad_labels_without_crashing():
         torch.ops.bmssl.ntxent_forward(u, torch.tensor([[0, 0, 1, 2]]), 1.0, "in")
 
 
+GPU_BACKENDS = ["cuda", "triton"]
+# fp64 on CUDA: the CUDA kernels (Triton keeps fp32 statistics and refuses fp64)
+GPU_CASES = [(b, d) for b in GPU_BACKENDS for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+             if not (b == "triton" and d == torch.float64)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend, dtype", GPU_CASES)
 @pytest.mark.parametrize("variant", ["in", "out"])
 def test_gpu_matches_twin(backend, dtype, variant):
+    """Loss, gradient and Hessian-vector product (the double backward) against the fp64 twin.
+    d = 200 and d = 130 pass one tile depth (128; 64 for the fp64 CUDA kernels), d = 33 is not a
+    multiple of 8 (no 16-byte loads), B = 257 and 130 are not multiples of the row tiles."""
     generator = torch.Generator().manual_seed(2)
-    for tasks, batch, dim in [(1, 2, 1), (1, 257, 33), (3, 100, 128), (1, 1000, 64)]:
+    for tasks, batch, dim in [(1, 2, 1), (1, 257, 33), (3, 100, 128), (1, 1000, 64), (2, 130, 200),
+                              (1, 70, 130)]:
         labels = random_labels(tasks, batch, batch // 3 + 1, generator).cuda()
         z = torch.randn(tasks, batch, dim, generator=generator).cuda().to(dtype)
         compare(backend, z, labels, 0.2, variant)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_gpu_low_temperature_near_identical_rows(dtype):
-    check_low_temperature_near_identical_rows("triton", dtype, device="cuda")
+def test_gpu_low_temperature_near_identical_rows(backend, dtype):
+    check_low_temperature_near_identical_rows(backend, dtype, device="cuda")
 
 
 @pytest.mark.gpu
-def test_gpu_int64_offsets_when_b_squared_passes_2_31():
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_int64_offsets_when_b_squared_passes_2_31(backend):
     """B = 50,000 rows: B*B > 2^31, so 32-bit index arithmetic would wrap. The twin (which
-    builds the 10 GB matrix) is the oracle."""
-    batch = 50_000
-    z = torch.randn(batch, 16, device="cuda")
+    builds the 10 GB matrix) is the oracle of the loss and the gradient; the Hessian-vector
+    product is checked against a central difference of the twin's gradient along the direction."""
+    batch, eps = 50_000, 1e-3
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    z = torch.randn(batch, 16, device="cuda", generator=generator)
+    direction = torch.randn(batch, 16, device="cuda", generator=generator)
     labels = torch.arange(batch // 2, device="cuda").repeat_interleave(2)
-    def loss_and_grad(fn):
-        x = z.clone().requires_grad_()
-        loss = fn(x)
-        return loss, torch.autograd.grad(loss, x)[0]
 
-    fused = loss_and_grad(lambda x: bmssl.ntxent(x, labels, 0.1, backend="triton"))
-    twin = loss_and_grad(lambda x: reference.ntxent(x, labels, 0.1))
-    for got, expected in zip(fused, twin):
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-3)
+    def twin(x):
+        return reference.ntxent(x, labels, 0.1)
+
+    def twin_grad(x):
+        x = x.clone().requires_grad_()
+        return torch.autograd.grad(twin(x), x)[0]
+
+    loss, grad, hvp = value_grad_hvp(lambda x: bmssl.ntxent(x, labels, 0.1, backend=backend), z,
+                                     torch.ones((), device="cuda"), direction)
+    x = z.clone().requires_grad_()
+    expected_loss = twin(x)
+    (expected_grad,) = torch.autograd.grad(expected_loss, x)
+    torch.testing.assert_close(loss.detach(), expected_loss.detach(), atol=1e-5, rtol=1e-3)
+    torch.testing.assert_close(grad.detach(), expected_grad, atol=1e-5, rtol=1e-3)
+    difference = (twin_grad(z + eps * direction) - twin_grad(z - eps * direction)) / (2 * eps)
+    error = (hvp - difference).norm() / difference.norm()
+    assert error < 2e-2, f"{backend}: Hessian-vector product off by {error:.3g} (relative norm)"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["in", "out"])
+def test_gpu_cuda_raw_ops_opcheck(variant):
+    generator = torch.Generator().manual_seed(0)
+    u = F.normalize(torch.randn(2, 70, 24, generator=generator), dim=-1).cuda().requires_grad_()
+    labels = random_labels(2, 70, 20, generator).cuda()
+    torch.library.opcheck(torch.ops.bmssl.ntxent_forward.default, (u, labels, 3.0, variant))
+    _, stats = torch.ops.bmssl.ntxent_forward(u, labels, 3.0, variant)
+    assert stats.dtype == torch.float32 and stats.shape == (2, 2, 70)
+    grad = torch.randn(2, device="cuda", requires_grad=True)
+    torch.library.opcheck(torch.ops.bmssl.ntxent_backward.default, (grad, u, labels, stats, 3.0, variant))
+    torch.library.opcheck(torch.ops.bmssl.ntxent_double_backward.default,
+                          (torch.randn_like(u), grad.detach(), u.detach(), labels, stats, 3.0, variant))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_cuda_misaligned_rows_take_the_scalar_loads(dtype):
+    """A contiguous u whose data starts 2 bytes past an aligned address cannot take 16-byte
+    loads; the result must not change."""
+    generator = torch.Generator().manual_seed(4)
+    u = F.normalize(torch.randn(1, 90, 64, generator=generator), dim=-1).to(dtype).cuda()
+    labels = random_labels(1, 90, 30, generator).cuda()
+    storage = torch.empty(u.numel() + 1, dtype=dtype, device="cuda")
+    shifted = storage[1:].view_as(u)
+    shifted.copy_(u)
+    assert shifted.data_ptr() % 16 != 0
+    for variant in ("in", "out"):
+        aligned = torch.ops.bmssl.ntxent_forward(u, labels, 5.0, variant)
+        got = torch.ops.bmssl.ntxent_forward(shifted, labels, 5.0, variant)
+        torch.testing.assert_close(got, aligned, atol=0, rtol=0)
+        grad = torch.ones(1, device="cuda")
+        torch.testing.assert_close(torch.ops.bmssl.ntxent_backward(grad, shifted, labels, got[1], 5.0, variant),
+                                   torch.ops.bmssl.ntxent_backward(grad, u, labels, aligned[1], 5.0, variant),
+                                   atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_raw_op_rejects_bad_labels():
+    u = F.normalize(torch.randn(1, 4, 3, device="cuda"), dim=-1)
+    with pytest.raises(RuntimeError, match="labels must lie"):
+        torch.ops.bmssl.ntxent_forward(u, torch.tensor([[0, 0, 9, 9]], device="cuda"), 1.0, "in")
+    with pytest.raises(RuntimeError, match=r"anchor 2 of task 0 \(label 1\) has no positive"):
+        torch.ops.bmssl.ntxent_forward(u, torch.tensor([[0, 0, 1, 2]], device="cuda"), 1.0, "in")

@@ -1,7 +1,12 @@
 """Benchmark of the multi-view NT-Xent: forward, backward, forward+backward and peak memory.
 
 Providers: "torch" (the eager twin: builds the B x B matrix), "torch_compile" (the twin under
-torch.compile) and "bmssl-<backend>" for each compiled backend that can serve the input.
+torch.compile), "bmssl-<backend>" for each compiled backend that can serve the input, and the
+peer "inf-cl" (Inf-CL's fused contrastive loss, `from inf_cl import cal_inf_loss`) for M = 2 on
+CUDA when inf_cl is importable. inf-cl computes the same B x B similarities (every row against
+every row, the other view as the one positive) but keeps the anchor itself in the denominator
+and runs its dots in fp32/tf32 whatever the input dtype: a speed peer, not the same loss.
+A provider that cannot run a case is skipped with the reason printed.
 Peak memory: on CUDA the allocator's peak; on CPU the peak resident-memory rise of a fresh
 process that runs one forward+backward (python -m bmssl.bench.ntxent --memory-child ...).
 """
@@ -10,6 +15,7 @@ import itertools
 import sys
 
 import torch
+import torch.nn.functional as F
 
 from bmssl import reference
 from bmssl.bench import common
@@ -19,8 +25,46 @@ from bmssl.progress import progress
 DTYPES = common.DTYPES
 
 
-def providers(device, dtype, with_compile):
-    return common.bmssl_providers(SUPPORT, device, dtype, with_compile)
+INF_CL_DIMS = (16, 32, 64, 128, 256)  # cal_inf_loss's head_dim: the whole row is one head
+
+
+def inf_cl_reason(device, views, dim):
+    """Why the inf-cl provider cannot run this case, or None."""
+    if device.type != "cuda":
+        return f"inf-cl runs on CUDA only, these tensors are on {device.type}"
+    if views != 2:
+        return f"inf-cl takes one positive per anchor (M = 2), not M = {views}"
+    if dim not in INF_CL_DIMS:
+        return f"inf-cl takes d in {INF_CL_DIMS}, not {dim}"
+    try:
+        import inf_cl  # noqa: F401
+    except Exception as error:  # not installed, or its triton/torch import failed
+        return f"inf_cl is not importable ({type(error).__name__}: {error})"
+    return None
+
+
+def providers(device, dtype, with_compile, views=2, dim=128, say=print):
+    """The providers of one case; say(message) reports each one skipped and why."""
+    names = common.bmssl_providers(SUPPORT, device, dtype, with_compile)
+    reason = inf_cl_reason(device, views, dim)
+    if reason is None:
+        names.append("inf-cl")
+    else:
+        say(f"provider inf-cl skipped: {reason}")
+    return names
+
+
+def inf_cl_loss(temperature):
+    """Inf-CL on the M = 2 layout (rows 2j and 2j + 1 are image j's views): each row against all
+    rows, its partner as the label. Normalised first, as the bmssl providers are."""
+    from inf_cl import cal_inf_loss
+
+    def loss(z, labels):
+        u = F.normalize(z, dim=-1)
+        partner = torch.arange(z.shape[0], device=z.device) ^ 1
+        return cal_inf_loss(u / temperature, u, labels=partner, head_dim=z.shape[-1])
+
+    return loss
 
 
 def loss_fn(provider, temperature, variant):
@@ -32,6 +76,8 @@ def loss_fn(provider, temperature, variant):
 
         functorch_config.donated_buffer = False
         return torch.compile(lambda z, labels: reference.ntxent(z, labels, temperature, variant))
+    if provider == "inf-cl":
+        return inf_cl_loss(temperature)
     backend = provider.removeprefix("bmssl-")
     return lambda z, labels: ntxent(z, labels, temperature, variant, backend=backend)
 
@@ -56,15 +102,30 @@ def memory_child(argv):
 
 
 def run(device, batches, dims, views_list, dtypes, variant, with_compile, repeats, memory=True,
-        show_progress=True):
+        show_progress=True, only=None):
     env = common.environment(device)
+    said = set()
+
+    def say(message):
+        if message not in said:
+            said.add(message)
+            print(message, file=sys.stderr)
+
     grid = [(b, d, m, t, p) for b, d, m, t in itertools.product(batches, dims, views_list, dtypes)
-            for p in providers(device, DTYPES[t], with_compile)]
+            for p in providers(device, DTYPES[t], with_compile, m, d, say) if not only or p in only]
     results = []
     for batch, dim, views, dtype_name, provider in progress(grid, desc="ntxent", disable=not show_progress):
         params = {"B": batch, "d": dim, "M": views, "dtype": dtype_name, "variant": variant}
         z, labels = inputs(batch, dim, views, DTYPES[dtype_name], device)
-        timings = common.time_modes(loss_fn(provider, 0.1, variant), (z, labels), device, repeats)
+        try:
+            timings = common.time_modes(loss_fn(provider, 0.1, variant), (z, labels), device, repeats)
+        except Exception as error:  # out of memory, a peer's own limits: report it, keep the sweep
+            print(f"provider {provider} failed on {params}: {type(error).__name__}: {str(error)[:300]}",
+                  file=sys.stderr)
+            del z, labels
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         if memory and device.type == "cpu":
             timings["fwd+bwd"]["peak_bytes"] = common.peak_cpu_bytes_in_subprocess(
                 "bmssl.bench.ntxent", [provider, batch, dim, views, dtype_name, variant])
@@ -102,6 +163,8 @@ def add_arguments(parser):
     parser.add_argument("--variant", default="in", choices=["in", "out"])
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU memory subprocesses")
+    parser.add_argument("--providers", nargs="+", default=None,
+                        help="run only these providers (e.g. torch_compile); default: all that can run")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default="bench/results/ntxent", help="prefix of the .csv and .json")
 
@@ -114,7 +177,7 @@ def main(args=None):
     batches = args.batches or ([1024, 4096, 8192] if device.type == "cpu" else [4096, 16384, 65536])
     dtypes = args.dtypes or (["fp32"] if device.type == "cpu" else ["bf16"])
     results = run(device, batches, args.dims, args.views, dtypes, args.variant, not args.no_compile,
-                  args.repeats, memory=not args.no_memory)
+                  args.repeats, memory=not args.no_memory, only=args.providers)
     print(summary(results))
     for path in common.write(results, args.out):
         print(f"wrote {path}")

@@ -17,8 +17,9 @@ from bmssl.reference.kl_bootstrap import accumulation_dtype
 from bmssl.validate import check_ntxent, check_ntxent_rect
 
 SUPPORT = backends.OpSupport(
-    name="ntxent", backends=("cpu", "triton"),
-    # the Triton kernels keep fp32 statistics, so fp64 input would lose its precision there
+    name="ntxent", backends=("cpu", "cuda", "triton"),
+    # the Triton kernels keep fp32 statistics, so fp64 input would lose its precision there;
+    # the C++ CPU and CUDA kernels accumulate fp64 input in fp64
     backend_dtypes=(("triton", (torch.float16, torch.bfloat16, torch.float32)),))
 
 OPS = {}  # backend -> (forward, backward, double_backward)
@@ -69,6 +70,7 @@ def _register_raw(forward, backward, double_backward):
 
 
 if _extension.loaded():
+    # one set of dispatcher ops: CPU tensors reach csrc/cpu/ntxent.cpp, CUDA tensors csrc/cuda/ntxent.cpp
     OPS["cpu"] = OPS["cuda"] = (torch.ops.bmssl.ntxent_forward.default,
                                 torch.ops.bmssl.ntxent_backward.default,
                                 torch.ops.bmssl.ntxent_double_backward.default)

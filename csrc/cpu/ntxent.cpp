@@ -17,6 +17,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "../ntxent.h"
 #include "ntxent_rows.h"
 
 #include <algorithm>
@@ -31,25 +32,6 @@ namespace bmssl {
 namespace {
 
 constexpr int64_t kRowBlock = 256;  // rows per BLAS tile: scratch is kRowBlock x B
-
-bool variant_in(const std::string& variant) {
-  TORCH_CHECK(variant == "in" || variant == "out", "ntxent: variant must be \"in\" or \"out\", got ", variant);
-  return variant == "in";
-}
-
-void check_inputs(const at::Tensor& u, const at::Tensor& labels, double inv_tau) {
-  TORCH_CHECK(u.dim() == 3, "ntxent: u must be [T, B, d], got ", u.sizes());
-  TORCH_CHECK(labels.dim() == 2 && labels.size(0) == u.size(0) && labels.size(1) == u.size(1),
-              "ntxent: labels must be [T, B] = [", u.size(0), ", ", u.size(1), "], got ", labels.sizes());
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "ntxent: labels must be int64");
-  TORCH_CHECK(u.device().is_cpu() && labels.device().is_cpu(), "ntxent: expects CPU tensors");
-  TORCH_CHECK(u.size(1) >= 2, "ntxent: a task needs at least 2 rows");
-  TORCH_CHECK(inv_tau > 0 && std::isfinite(inv_tau), "ntxent: inv_tau must be finite and > 0");
-}
-
-at::ScalarType acc_type_of(const at::Tensor& u) {
-  return u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 // Walks the rows of every task in blocks of kRowBlock: tile(t, row0, rows) runs first, with
 // BLAS using all threads itself (never inside our parallel region, so the two thread pools do
@@ -226,9 +208,9 @@ void double_backward_impl(const at::Tensor& grad_grad_u, const at::Tensor& grad_
 
 std::tuple<at::Tensor, at::Tensor> ntxent_forward_cpu(const at::Tensor& u, const at::Tensor& labels,
                                                       double inv_tau, c10::string_view variant) {
-  check_inputs(u, labels, inv_tau);
-  const bool in = variant_in(std::string(variant));
-  const auto acc = acc_type_of(u);
+  check_ntxent_inputs(u, labels, inv_tau, c10::DeviceType::CPU);
+  const bool in = ntxent_variant_in(variant);
+  const auto acc = ntxent_acc_type(u);
   const at::Tensor u_acc = u.to(acc).contiguous(), y = labels.contiguous();
   const int64_t tasks = u.size(0), batch = u.size(1);
   const Groups groups(y, tasks, batch);
@@ -243,9 +225,9 @@ std::tuple<at::Tensor, at::Tensor> ntxent_forward_cpu(const at::Tensor& u, const
 at::Tensor ntxent_backward_cpu(const at::Tensor& grad_task_loss, const at::Tensor& u,
                                const at::Tensor& labels, const at::Tensor& stats, double inv_tau,
                                c10::string_view variant) {
-  check_inputs(u, labels, inv_tau);
-  const bool in = variant_in(std::string(variant));
-  const auto acc = acc_type_of(u);
+  check_ntxent_inputs(u, labels, inv_tau, c10::DeviceType::CPU);
+  const bool in = ntxent_variant_in(variant);
+  const auto acc = ntxent_acc_type(u);
   const int64_t tasks = u.size(0), batch = u.size(1);
   TORCH_CHECK(grad_task_loss.numel() == tasks, "ntxent_backward: grad_task_loss must have T elements");
   TORCH_CHECK(stats.numel() == tasks * 2 * batch, "ntxent_backward: row_stats must be [T, 2, B]");
@@ -262,9 +244,9 @@ at::Tensor ntxent_backward_cpu(const at::Tensor& grad_task_loss, const at::Tenso
 std::tuple<at::Tensor, at::Tensor> ntxent_double_backward_cpu(
     const at::Tensor& grad_grad_u, const at::Tensor& grad_task_loss, const at::Tensor& u,
     const at::Tensor& labels, const at::Tensor& stats, double inv_tau, c10::string_view variant) {
-  check_inputs(u, labels, inv_tau);
-  const bool in = variant_in(std::string(variant));
-  const auto acc = acc_type_of(u);
+  check_ntxent_inputs(u, labels, inv_tau, c10::DeviceType::CPU);
+  const bool in = ntxent_variant_in(variant);
+  const auto acc = ntxent_acc_type(u);
   const int64_t tasks = u.size(0), batch = u.size(1);
   TORCH_CHECK(grad_grad_u.sizes() == u.sizes(), "ntxent_double_backward: grad_grad_u must be like u");
   TORCH_CHECK(grad_task_loss.numel() == tasks, "ntxent_double_backward: grad_task_loss must have T elements");

@@ -11,19 +11,10 @@
 #include "../kl_bootstrap.h"
 
 #include "../../kernels/kl_bootstrap.h"
+#include "element_type.h"
 
 namespace bmssl {
 namespace {
-
-cuda::ElementType element_type(const at::Tensor& x, const char* op) {
-  switch (x.scalar_type()) {
-    case at::kFloat: return cuda::ElementType::kF32;
-    case at::kDouble: return cuda::ElementType::kF64;
-    case at::kHalf: return cuda::ElementType::kF16;
-    case at::kBFloat16: return cuda::ElementType::kBF16;
-    default: TORCH_CHECK(false, op, ": unsupported dtype ", x.scalar_type());
-  }
-}
 
 void check_rows(const at::Tensor& student, const at::Tensor& target, const char* op) {
   check_kl_rows(student, target, op);
@@ -42,7 +33,7 @@ std::tuple<at::Tensor, at::Tensor> kl_bootstrap_rows_cuda(const at::Tensor& stud
   at::Tensor row_kl = at::empty({rows}, s.options().dtype(acc_type));
   at::Tensor row_lse = at::empty({rows, 2}, s.options().dtype(acc_type));
   const cudaError_t status = cuda::kl_bootstrap_rows_forward(
-      element_type(s, "kl_bootstrap_rows"), s.const_data_ptr(), t.const_data_ptr(), rows, classes,
+      element_type_of(s, "kl_bootstrap_rows"), s.const_data_ptr(), t.const_data_ptr(), rows, classes,
       temperature, row_kl.mutable_data_ptr(), row_lse.mutable_data_ptr(),
       c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(status == cudaSuccess, "kl_bootstrap_rows: launch failed: ", cudaGetErrorString(status));
@@ -61,7 +52,7 @@ at::Tensor kl_bootstrap_rows_backward_cuda(const at::Tensor& grad_row_kl, const 
   const at::Tensor g = grad_row_kl.to(acc_type).contiguous(), lse = row_lse.to(acc_type).contiguous();
   at::Tensor grad_student = at::empty_like(s);
   const cudaError_t status = cuda::kl_bootstrap_rows_backward(
-      element_type(s, "kl_bootstrap_rows_backward"), g.const_data_ptr(), s.const_data_ptr(),
+      element_type_of(s, "kl_bootstrap_rows_backward"), g.const_data_ptr(), s.const_data_ptr(),
       t.const_data_ptr(), lse.const_data_ptr(), rows, classes, temperature,
       grad_student.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(status == cudaSuccess, "kl_bootstrap_rows_backward: launch failed: ",

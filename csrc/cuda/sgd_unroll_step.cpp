@@ -10,19 +10,10 @@
 
 #include "../../kernels/sgd_unroll_step.h"
 #include "../sgd_unroll_step.h"
+#include "element_type.h"
 
 namespace bmssl {
 namespace {
-
-cuda::ElementType element_type_of(const at::Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kFloat: return cuda::ElementType::kF32;
-    case at::kDouble: return cuda::ElementType::kF64;
-    case at::kHalf: return cuda::ElementType::kF16;
-    case at::kBFloat16: return cuda::ElementType::kBF16;
-    default: TORCH_CHECK(false, "sgd_unroll_step: unsupported dtype ", x.scalar_type());
-  }
-}
 
 std::vector<at::Tensor> sgd_unroll_step_cuda(at::TensorList params, at::TensorList grads, double lr) {
   check_sgd_lists(params, grads);
@@ -35,7 +26,7 @@ std::vector<at::Tensor> sgd_unroll_step_cuda(at::TensorList params, at::TensorLi
     gs.push_back(grads[k].contiguous());
     outs.push_back(at::empty_like(ps.back()));
   }
-  const auto type = element_type_of(ps[0]);
+  const auto type = element_type_of(ps[0], "sgd_unroll_step");
   for (size_t first = 0; first < ps.size(); first += cuda::kSgdTensorsPerLaunch) {
     const int count = static_cast<int>(std::min<size_t>(cuda::kSgdTensorsPerLaunch, ps.size() - first));
     std::vector<const void*> p(count), g(count);

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# One prepared GPU session (H100/H200, Python 3.12, torch 2.11+cu130, triton 3.6, no network):
+#   1. environment: nvidia-smi, versions, ninja
+#   2. build bmssl._C with the CUDA kernels (BMSSL_FORCE_CUDA=1, editable, no deps, no index)
+#   3. pytest -q -m gpu tests/ (Triton compiled for the GPU: BMSSL_TEST_TRITON_GPU=1) and the
+#      NT-Xent GPU sweep of issue 4 (bf16, d = 128, M in {2, 4}, B in {4096, 16384, 65536}),
+#      most telling first: the CUDA NT-Xent tests (quick, no JIT); the sweep with eager,
+#      bmssl-triton, bmssl-cuda and inf-cl (when importable); the other GPU tests; last
+#      torch.compile, which compiles per shape and gets what time is left
+# Everything goes under $OUT (default bench/results/gpu): one log per step and steps.tsv with
+# each step's exit status and seconds. A failing or timed-out step is logged and the next one
+# runs. The whole session stops at BUDGET_S seconds (default 470, under 8 minutes).
+#
+#     OUT=/path/to/out bash bench/gpu_session.sh
+set -u
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-bench/results/gpu}
+PYTHON=${PYTHON:-python3}
+BUDGET_S=${BUDGET_S:-470}
+mkdir -p "$OUT"
+START=$(date +%s)
+printf 'step\trc\tseconds\n' > "$OUT/steps.tsv"
+
+# step NAME LIMIT_S COMMAND...: runs COMMAND under `timeout` (LIMIT_S, or what is left of the
+# budget if less), output to $OUT/NAME.log, and appends NAME, exit status, seconds to steps.tsv.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((BUDGET_S - ($(date +%s) - START)))
+  if ((left < 20)); then
+    printf '%s\tskipped\t0\n' "$name" >> "$OUT/steps.tsv"
+    echo "== $name: skipped, ${left}s of the budget left"
+    return
+  fi
+  ((limit > left)) && limit=$left
+  echo "== $name (limit ${limit}s)"
+  local begin=$(date +%s)
+  timeout --signal=TERM --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  local took=$(($(date +%s) - begin))
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$took" >> "$OUT/steps.tsv"
+  echo "   rc=$rc in ${took}s ($( ((rc == 124)) && echo 'timed out' || tail -n 1 "$OUT/$name.log"))"
+}
+
+step environment 30 bash -c "nvidia-smi; $PYTHON -c 'import sys, torch; print(sys.version); \
+print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available(), \
+torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"\")'; \
+$PYTHON -c 'import triton; print(\"triton\", triton.__version__)'; \
+$PYTHON -c 'import inf_cl; print(\"inf_cl importable\")' || echo 'inf_cl not importable'; \
+$PYTHON -c 'import hypothesis, pytest; print(\"pytest\", pytest.__version__, \"hypothesis\", hypothesis.__version__)'; \
+command -v ninja || $PYTHON -c 'import ninja; print(\"ninja (module)\")' || echo 'no ninja: the build runs serially'"
+
+# MAX_JOBS: torch's BuildExtension compiles in parallel with ninja
+step build 240 env BMSSL_FORCE_CUDA=1 MAX_JOBS=16 PIP_NO_INDEX=1 \
+  "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
+
+step backends 20 "$PYTHON" -m bmssl info
+
+# pytest -q -m gpu tests/, in two parts so the CUDA NT-Xent checks come first
+step test_cuda_ntxent 90 env BMSSL_TEST_TRITON_GPU=1 \
+  "$PYTHON" -m pytest -q -m gpu tests/test_ntxent.py -k "cuda" -p no:cacheprovider \
+  --junitxml="$OUT/test_cuda_ntxent.xml"
+
+SWEEP=(--device cuda --dtypes bf16 --dims 128 --batches 4096 16384 65536 --variant in --repeats 5)
+step bench_ntxent_m2 90 "$PYTHON" -m bmssl.bench.ntxent "${SWEEP[@]}" --views 2 --no-compile \
+  --out "$OUT/ntxent_m2"
+step bench_ntxent_m4 90 "$PYTHON" -m bmssl.bench.ntxent "${SWEEP[@]}" --views 4 --no-compile \
+  --out "$OUT/ntxent_m4"
+
+step test_gpu_rest 150 env BMSSL_TEST_TRITON_GPU=1 \
+  "$PYTHON" -m pytest -q -m gpu tests/ -k "not (ntxent and cuda)" -p no:cacheprovider --durations=15 \
+  --junitxml="$OUT/test_gpu_rest.xml"
+
+step bench_ntxent_compile 90 "$PYTHON" -m bmssl.bench.ntxent "${SWEEP[@]}" --views 2 4 \
+  --providers torch_compile --out "$OUT/ntxent_compile"
+
+echo "== done in $(($(date +%s) - START))s; steps:"
+column -t "$OUT/steps.tsv" 2>/dev/null || cat "$OUT/steps.tsv"

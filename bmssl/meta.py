@@ -13,7 +13,8 @@ them (first-order MAML: dw_L/dθ = I, so ∇_θ outer = ∇_w outer at w_L; unde
 projection head then gets no outer gradient, since the KL reads the classifier only).
 
 The K tasks of a batch run as one computation, torch.func.vmap over tasks with θ shared
-(in_dims=None); `meta_gradient(..., batched=False)` loops over tasks instead (for tests). Inner
+(in_dims=None), or as a Python loop over tasks: task_batching="auto" takes vmap on CUDA and the
+loop on CPU, where vmap's grouped convolutions measured slower (bench/bench_unroll.py). Inner
 gradients are torch.func.grad; the outer gradient is plain reverse-mode autograd over θ, whose
 backward builds no graph, so the ops need second derivatives, never third.
 
@@ -54,6 +55,9 @@ METHODS = ("bmssl", "metassl", "simclr", "scratch")
 CONTRASTIVE_VIEWS = ("auto", "support", "all")
 TARGET_DATA = ("support", "support+query")
 SCHEDULES = ("cosine", "constant")
+TASK_BATCHING = ("auto", "vmap", "loop")
+# MetaConfig fields that choose how the maths runs, not what it computes
+EXECUTION_FIELDS = ("task_batching",)
 VARIANTS = ("in", "out")
 
 
@@ -85,6 +89,8 @@ class MetaConfig:
     min_lr_ratio: float = 0.0          # the cosine decays to min_lr_ratio · β
     clip_grad_norm: float | None = None
     seed: int | None = 0               # draws the heads' initial weights (not the backbone's)
+    # how the maths runs (never what it computes; may differ when a state is loaded)
+    task_batching: str = "auto"        # "vmap" | "loop" | "auto": vmap on CUDA, loop on CPU
 
     def __post_init__(self):
         self.validate()
@@ -97,6 +103,7 @@ class MetaConfig:
         _choice("head", self.head, HEADS)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("order", self.order, (1, 2))
+        _choice("task_batching", self.task_batching, TASK_BATCHING)
         _integer("inner_steps", self.inner_steps, 0)
         _integer("target_steps", self.target_steps, 0)
         _integer("projection_dim", self.projection_dim, 1)
@@ -261,16 +268,18 @@ def inner_loss_fn(model, support, support_labels, query, query_labels, config, p
     return lambda w: task_loss(model, w, support, support_labels, config)[0]
 
 
-def bootstrap_target(model, adapted, support, support_labels, query, query_labels, config, plan) -> dict:
+def bootstrap_target(model, adapted, support, support_labels, query, query_labels, config, plan,
+                     return_losses=False):
     """w_{L+δ}: δ more SGD steps from stopgrad(w_L) with no graph, then detached (paper eq. 3).
-    target_data="support+query" trains the δ steps on both sets (CE and NT-Xent over all views)."""
+    target_data="support+query" trains the δ steps on both sets (CE and NT-Xent over all views).
+    return_losses: also return the δ losses (the first is the loss at w_L)."""
     if config.target_data == "support":
         loss_fn = inner_loss_fn(model, support, support_labels, query, query_labels, config, plan)
     else:
         views, labels = torch.cat([support, query]), torch.cat([support_labels, query_labels])
         loss_fn = lambda w: task_loss(model, w, views, labels, config)[0]  # noqa: E731
-    target, _ = adapt(detached(adapted), loss_fn, config.target_steps, config.inner_lr, create_graph=False)
-    return detached(target)
+    target, losses = adapt(detached(adapted), loss_fn, config.target_steps, config.inner_lr, create_graph=False)
+    return (detached(target), losses) if return_losses else detached(target)
 
 
 def outer_objective(model, adapted, support, support_labels, query, query_labels, config, plan, target=None):
@@ -296,13 +305,14 @@ def outer_objective(model, adapted, support, support_labels, query, query_labels
     return task_loss(model, adapted, query, query_labels, config, *extra)
 
 
-def adapt_to_task(model, theta, support, support_labels, query, query_labels, config, plan):
+def adapt_to_task(model, theta, support, support_labels, query, query_labels, config, plan, final_loss=True):
     """The inner loop of one task: w_L from w_0 = task_parameters(θ). Returns (w_L, the
-    support losses at w_0 and at w_L, detached)."""
+    support losses at w_0 and at w_L, detached). final_loss=False skips the forward pass that
+    the loss at w_L costs (None is returned for it, and for w_0 when L = 0): the caller has it."""
     start = model.task_parameters(theta, plan.ways)
     loss_fn = inner_loss_fn(model, support, support_labels, query, query_labels, config, plan)
     adapted, losses = adapt(start, loss_fn, config.inner_steps, config.inner_lr, create_graph=config.order == 2)
-    final = loss_fn(detached(adapted)).detach()
+    final = loss_fn(detached(adapted)).detach() if final_loss else None
     return adapted, (losses[0] if losses else final, final)
 
 
@@ -311,17 +321,35 @@ def task_outer_loss(model, theta, support, support_labels, query, query_labels, 
     `target` overrides w_{L+δ} (tests hold it fixed). Returns (outer loss, aux) with aux =
     (support loss at w_0, support loss at w_L, query accuracy of w_L)."""
     task = (support, support_labels, query, query_labels)
-    adapted, (loss_start, loss_end) = adapt_to_task(model, theta, *task, config, plan)
+    # bmssl's first target step computes the support loss at w_L: reuse it
+    reuse = config.method == "bmssl" and target is None and config.target_data == "support"
+    adapted, (loss_start, loss_end) = adapt_to_task(model, theta, *task, config, plan, final_loss=not reuse)
+    if reuse:
+        target, target_losses = bootstrap_target(model, adapted, *task, config, plan, return_losses=True)
+        loss_end = target_losses[0]
+        loss_start = loss_end if loss_start is None else loss_start
     outer, logits = outer_objective(model, adapted, *task, config, plan, target)
     accuracy = (logits.detach().argmax(-1) == query_labels).to(logits.dtype).mean()
     return outer, (loss_start, loss_end, accuracy)
 
 
-def meta_loss(model, theta, batch, config, batched=True):
+def batches_tasks(config: MetaConfig, device: torch.device) -> bool:
+    """True: the K tasks run as one torch.func.vmap; False: a Python loop over tasks.
+    task_batching="auto" takes vmap on CUDA and the loop on CPU, where vmap's grouped
+    convolutions measured slower than K separate ones (bench/bench_unroll.py)."""
+    if config.task_batching == "auto":
+        return device.type == "cuda"
+    return config.task_batching == "vmap"
+
+
+def meta_loss(model, theta, batch, config, batched=None):
     """mean_k outer_k(θ) over the K tasks of `batch`: torch.func.vmap over tasks (θ and the
-    labels shared, in_dims=None), or a Python loop when batched=False. Returns (loss, aux) with
-    aux the per-task means of task_outer_loss's aux."""
+    labels shared, in_dims=None), or a Python loop when batched=False (None: as
+    config.task_batching says). Returns (loss, aux) with aux the per-task means of
+    task_outer_loss's aux."""
     plan = plan_views(config, check_task_batch(batch))
+    if batched is None:
+        batched = batches_tasks(config, batch.support.device)
     support_labels, query_labels = batch.support_labels[0], batch.query_labels[0]
 
     def one_task(theta, support, query):
@@ -349,7 +377,7 @@ def simclr_loss(model, theta, batch, config, ntxent_fn=None):
     return (ntxent_fn or ntxent)(z, labels.long(), config.contrastive_temperature, config.contrastive_variant)
 
 
-def meta_gradient(model, theta, batch, config, batched=True, simclr_ntxent=None):
+def meta_gradient(model, theta, batch, config, batched=None, simclr_ntxent=None):
     """∇_θ of the method's outer loss. Returns (grads dict, loss, aux dict of floats).
     simclr_ntxent: simclr_loss's ntxent_fn.
 
@@ -431,7 +459,7 @@ class MetaLearner:
             fields[name] = fields[name].to(device=reference.device, dtype=torch.long)
         return _Batch(**fields)
 
-    def meta_gradient(self, batch, batched=True):
+    def meta_gradient(self, batch, batched=None):
         """(grads, loss, aux) at the current θ, without updating anything."""
         theta = detached(self.model.meta_parameters())
         return meta_gradient(self.model, theta, self._prepare(batch), self.config, batched, self.simclr_ntxent)
@@ -474,10 +502,11 @@ class MetaLearner:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore θ, Adam's moments, the schedule and the step count. The saved config must
-        equal this learner's (the fields that differ are named)."""
+        equal this learner's (the fields that differ are named), but for the EXECUTION_FIELDS,
+        which change how the maths runs, not what it computes."""
         saved = state.get("config", {})
         differing = [field.name for field in dataclasses.fields(self.config)
-                     if saved.get(field.name) != getattr(self.config, field.name)]
+                     if field.name not in EXECUTION_FIELDS and saved.get(field.name) != getattr(self.config, field.name)]
         if differing:
             raise ValueError(f"the state was saved with a different config: {', '.join(differing)} differ")
         self.model.load_state_dict(state["model"])

@@ -15,8 +15,8 @@ Normalisation (`norm=`):
 - "batch": batch statistics of the current call and no running statistics (the MAML
   convention). It is transductive: predictions depend on the batch they are made in.
 - "none": no normalisation.
-"group" calls F.group_norm (it has a batching rule and a differentiable backward); "batch" is
-written in plain torch ops (see BatchStatNorm2d for why). Both are checked against finite
+"group" calls bmssl.ops.group_norm (fused with the Conv4 block's ReLU and max-pool; the twin
+is F.group_norm); "batch" is written in plain torch ops (see BatchStatNorm2d for why). Both are checked against finite
 differences of the second-order meta-gradient under vmap.
 
 Classifier head (`head=`):
@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from bmssl.ops import group_norm
+
 NORMS = ("group", "batch", "none")
 HEADS = ("zero", "shared")
 BACKBONES = ("conv4", "resnet12")
@@ -42,7 +44,10 @@ BACKBONES = ("conv4", "resnet12")
 class GroupNorm2d(nn.Module):
     """Per-sample GroupNorm: y = (x - mean_g) / sqrt(var_g + eps) * gamma_c + beta_c, with the
     mean and (biased) variance over the channels of group g and all pixels of one sample.
-    gcd(channels, 8) groups. F.group_norm has a vmap rule and a differentiable backward."""
+    gcd(channels, 8) groups. Runs as bmssl.ops.group_norm: the fused C++ op (twice
+    differentiable, vmap over tasks) where it serves the input, else F.group_norm (the twin,
+    also what BMSSL_BACKEND=torch runs). `forward_relu_pool` is the Conv4 block's norm, ReLU
+    and 2x2 max-pool as one op."""
 
     def __init__(self, channels: int, groups: int = 8, eps: float = 1e-5):
         super().__init__()
@@ -52,7 +57,10 @@ class GroupNorm2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x):
-        return F.group_norm(x, self.groups, self.weight, self.bias, self.eps)
+        return group_norm(x, self.weight, self.bias, self.groups, self.eps)
+
+    def forward_relu_pool(self, x):
+        return group_norm(x, self.weight, self.bias, self.groups, self.eps, relu=True, pool=True)
 
 
 class BatchStatNorm2d(nn.Module):
@@ -112,7 +120,12 @@ class ConvNet(nn.Module):
         self.feature_dim = hidden * height * width
 
     def forward(self, images):
-        return self.blocks(images).flatten(1)
+        x = images
+        for start in range(0, len(self.blocks), 4):  # [conv, norm, ReLU, maxpool]
+            conv, norm, relu, pool = self.blocks[start:start + 4]
+            x = conv(x)
+            x = norm.forward_relu_pool(x) if isinstance(norm, GroupNorm2d) else pool(relu(norm(x)))
+        return x.flatten(1)
 
 
 class ResidualBlock(nn.Module):

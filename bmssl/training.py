@@ -53,7 +53,8 @@ import torch.distributed as dist
 import bmssl
 from bmssl import run_files
 from bmssl.augment import AugmentConfig
-from bmssl.meta import CONTRASTIVE_VIEWS, METHODS, SCHEDULES, TARGET_DATA, VARIANTS, MetaConfig, MetaLearner
+from bmssl.meta import (CONTRASTIVE_VIEWS, METHODS, SCHEDULES, TARGET_DATA, TASK_BATCHING, VARIANTS, MetaConfig,
+                        MetaLearner)
 from bmssl.models import BACKBONES, HEADS, NORMS, build_backbone
 from bmssl.progress import StepBar
 from bmssl.tasks import TaskBatch, make_tasks
@@ -118,6 +119,7 @@ class TrainConfig:
     # run control: these may change on --resume
     device: str = "auto"
     threads: int | None = None
+    task_batching: str = "auto"          # vmap | loop | auto (vmap on CUDA, loop on CPU)
     checkpoint_every: int = 100
     stop_after: int | None = None
     log_every: int = 10
@@ -153,6 +155,7 @@ class TrainConfig:
         _choice("dtype", self.dtype, tuple(DTYPES))
         _choice("order", self.order, (1, 2))
         _choice("channels", self.channels, (1, 3))
+        _choice("task_batching", self.task_batching, TASK_BATCHING)
         if not isinstance(self.data, str) or not self.data.strip():
             raise ValueError(f"{flag('data')} must name a data set, got {self.data!r}")
         for name, minimum in (("image_size", 4), ("images_per_batch", 2), ("tasks", 1), ("support_views", 1),
@@ -217,7 +220,8 @@ class TrainConfig:
             outer_lr=self.outer_lr, weight_decay=self.weight_decay, schedule=self.schedule,
             warmup_steps=self.warmup_steps,
             total_steps=self.schedule_steps or max(self.steps, self.warmup_steps, 1),
-            min_lr_ratio=self.min_lr_ratio, clip_grad_norm=self.clip_grad_norm, seed=self.seed)
+            min_lr_ratio=self.min_lr_ratio, clip_grad_norm=self.clip_grad_norm, seed=self.seed,
+            task_batching=self.task_batching)
 
     def to_dict(self) -> dict:
         """Plain types only (tuples as lists), as stored in checkpoints and results.json."""
@@ -233,7 +237,7 @@ class TrainConfig:
 
 
 # Fields that may differ on --resume: where and how long to run, and what to evaluate.
-RUN_CONTROL = ("steps", "device", "threads", "checkpoint_every", "stop_after", "log_every", "progress", "eval",
+RUN_CONTROL = ("steps", "device", "threads", "task_batching", "checkpoint_every", "stop_after", "log_every", "progress", "eval",
                "eval_data", "eval_settings", "episodes", "protocols", "queries", "eval_batch", "eval_seed",
                "finetune_steps", "finetune_lr")
 
@@ -762,6 +766,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add(run, "device", "auto, cpu, cuda or cuda:N")
     add(run, "dtype", "parameter and image dtype", choices=tuple(DTYPES))
     add(run, "threads", "torch CPU threads (default: torch's choice)", type=int)
+    add(run, "task_batching", "the K tasks as one torch.func.vmap or a Python loop (auto: vmap on CUDA, loop "
+        "on CPU, where it measured faster)", choices=TASK_BATCHING)
     add(run, "checkpoint_every", "write checkpoint.pt and results.json every this many steps", type=int)
     add(run, "log_every", "without a terminal, print a progress line every this many steps", type=int)
     add(run, "progress", "show progress", action=argparse.BooleanOptionalAction)

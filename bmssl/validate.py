@@ -124,3 +124,28 @@ def check_ntxent_rect(z_rows, z_cols, labels_rows, labels_cols, row_offset, temp
         if lonely.numel():
             raise ValueError(f"{op}: row {int(lonely[0])} has no positive among the columns")
     return check_temperature(op, temperature)
+
+
+def check_group_norm(x, weight, bias, groups, eps, pool) -> tuple:
+    """x [N, C, H, W]; weight, bias [C] of x's dtype and device; groups divides C; eps > 0.
+    Returns (groups, eps) as int and float."""
+    op = "group_norm"
+    check_float_tensor(op, "x", x)
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be [N, C, H, W], got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"{op}: empty input (x has shape {tuple(x.shape)})")
+    channels = x.shape[1]
+    for name, p in (("weight", weight), ("bias", bias)):
+        check_float_tensor(op, name, p)
+        if p.shape != (channels,):
+            raise ValueError(f"{op}: {name} must be [C] = [{channels}], got {tuple(p.shape)}")
+        if p.dtype != x.dtype or p.device != x.device:
+            raise ValueError(f"{op}: {name} is {p.dtype} on {p.device} but x is {x.dtype} on {x.device}")
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1 or channels % groups:
+        raise ValueError(f"{op}: groups must be a positive integer dividing C = {channels}, got {groups!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"{op}: eps must be a finite number > 0, got {eps!r}")
+    if pool and min(x.shape[2], x.shape[3]) < 2:
+        raise ValueError(f"{op}: the 2x2 pool needs H, W >= 2, got {x.shape[2]}x{x.shape[3]}")
+    return int(groups), float(eps)

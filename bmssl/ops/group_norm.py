@@ -1,0 +1,172 @@
+"""bmssl.ops.group_norm: the Conv4 block's GroupNorm (+ ReLU) (+ 2x2 max-pool) as one op
+(maths in csrc/group_norm.cpp).
+
+The op family bmssl::group_norm_forward / group_norm_backward / group_norm_double_backward
+works on x [T, N, C, H, W] with a per-task affine [T, C]; the public function adds T = 1, and
+the vmap rule folds a vmapped dim (the tasks of the meta-learner) into T. Unfused, the second-
+order meta-gradient differentiates torch's composite GroupNorm backward: some twenty full-size
+temporaries per layer and step, where this op writes only its outputs. Twice differentiable; a
+third derivative is not implemented.
+"""
+import torch
+
+from bmssl import _extension, backends, reference
+from bmssl.ops._vmap import fold_vmapped_dim
+from bmssl.validate import check_group_norm
+
+SUPPORT = backends.OpSupport(name="group_norm", backends=("cpu",),
+                             backend_dtypes=(("cpu", (torch.float32, torch.float64)),))
+
+OPS = {}  # backend -> (forward, backward, double_backward)
+
+
+def _fake_forward(x, weight, bias, groups, eps, relu, pool):
+    tasks, batch, channels, height, width = x.shape
+    out = (height // 2, width // 2) if pool else (height, width)
+    return x.new_empty(tasks, batch, channels, *out), x.new_empty(tasks, batch, groups, 2)
+
+
+def _fake_backward(grad_y, x, weight, bias, stats, groups, relu, pool):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _fake_double_backward(gg_x, gg_weight, gg_bias, grad_y, x, weight, bias, stats, groups, relu, pool):
+    return torch.empty_like(grad_y), torch.empty_like(x), torch.empty_like(weight)
+
+
+def _register_raw(forward, backward, double_backward):
+    """Fake kernels and autograd for callers of the raw torch.ops.bmssl.group_norm_* ops."""
+
+    def setup_forward(ctx, inputs, output):
+        x, weight, bias, groups, eps, relu, pool = inputs
+        ctx.save_for_backward(x, weight, bias, output[1])
+        ctx.args = (groups, relu, pool)
+        ctx.mark_non_differentiable(output[1])
+
+    def backward_forward(ctx, grad_y, _grad_stats):
+        grads = backward(grad_y, *ctx.saved_tensors, *ctx.args)
+        return (*grads, None, None, None, None)
+
+    def setup_backward(ctx, inputs, output):
+        grad_y, x, weight, bias, stats, groups, relu, pool = inputs
+        ctx.save_for_backward(grad_y, x, weight, bias, stats)
+        ctx.args = (groups, relu, pool)
+
+    def backward_backward(ctx, gg_x, gg_weight, gg_bias):
+        saved = ctx.saved_tensors
+        gg = _materialize((gg_x, gg_weight, gg_bias), saved[1:4])
+        d_grad_y, d_x, d_weight = double_backward(*gg, *saved, *ctx.args)
+        return d_grad_y, d_x, d_weight, None, None, None, None, None
+
+    torch.library.register_fake(forward)(_fake_forward)
+    torch.library.register_fake(backward)(_fake_backward)
+    torch.library.register_fake(double_backward)(_fake_double_backward)
+    torch.library.register_autograd(forward, backward_forward, setup_context=setup_forward)
+    torch.library.register_autograd(backward, backward_backward, setup_context=setup_backward)
+
+
+def _materialize(grads, likes):
+    return tuple(torch.zeros_like(like) if g is None else g for g, like in zip(grads, likes))
+
+
+if _extension.loaded():
+    OPS["cpu"] = (torch.ops.bmssl.group_norm_forward.default, torch.ops.bmssl.group_norm_backward.default,
+                  torch.ops.bmssl.group_norm_double_backward.default)
+    _register_raw(*OPS["cpu"])
+
+
+def _unfold(tensors, batch_size):
+    return tuple(t.reshape(batch_size, -1, *t.shape[1:]) for t in tensors)
+
+
+class GroupNormBlock(torch.autograd.Function):
+    """y, stats = group_norm_forward(x [T, N, C, H, W], weight [T, C], bias [T, C], ...)."""
+
+    @staticmethod
+    def forward(x, weight, bias, groups, eps, relu, pool, backend):
+        return OPS[backend][0](x, weight, bias, groups, eps, relu, pool)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, groups, eps, relu, pool, backend = inputs
+        ctx.save_for_backward(x, weight, bias, output[1])
+        ctx.args = (groups, relu, pool, backend)
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_stats):
+        grads = GroupNormBackward.apply(grad_y, *ctx.saved_tensors, *ctx.args)
+        return (*grads, None, None, None, None, None)
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, groups, eps, relu, pool, backend):
+        folded = fold_vmapped_dim((x, weight, bias), in_dims[:3], info.batch_size)
+        y, stats = GroupNormBlock.apply(*folded, groups, eps, relu, pool, backend)
+        return _unfold((y, stats), info.batch_size), (0, 0)
+
+
+class GroupNormBackward(torch.autograd.Function):
+    """(grad_x, grad_weight, grad_bias) = group_norm_backward(grad_y, x, weight, bias, stats, ...);
+    its backward is the fused double backward."""
+
+    @staticmethod
+    def forward(grad_y, x, weight, bias, stats, groups, relu, pool, backend):
+        return OPS[backend][1](grad_y, x, weight, bias, stats, groups, relu, pool)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_y, x, weight, bias, stats, groups, relu, pool, backend = inputs
+        ctx.save_for_backward(grad_y, x, weight, bias, stats)
+        ctx.args = (groups, relu, pool, backend)
+
+    @staticmethod
+    def backward(ctx, gg_x, gg_weight, gg_bias):
+        saved = ctx.saved_tensors
+        gg = _materialize((gg_x, gg_weight, gg_bias), saved[1:4])
+        d_grad_y, d_x, d_weight = GroupNormDoubleBackward.apply(*gg, *saved, *ctx.args)
+        # bias reaches the backward only through the relu mask and the pool's argmax, which
+        # are piecewise constant: its gradient is zero
+        return d_grad_y, d_x, d_weight, None, None, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, grad_y, x, weight, bias, stats, groups, relu, pool, backend):
+        folded = fold_vmapped_dim((grad_y, x, weight, bias, stats), in_dims[:5], info.batch_size)
+        grads = GroupNormBackward.apply(*folded, groups, relu, pool, backend)
+        return _unfold(grads, info.batch_size), (0, 0, 0)
+
+
+class GroupNormDoubleBackward(torch.autograd.Function):
+    """(d grad_y, d x, d weight) = group_norm_double_backward(...); differentiating it raises."""
+
+    @staticmethod
+    def forward(gg_x, gg_weight, gg_bias, grad_y, x, weight, bias, stats, groups, relu, pool, backend):
+        return OPS[backend][2](gg_x, gg_weight, gg_bias, grad_y, x, weight, bias, stats, groups, relu, pool)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("group_norm is twice differentiable; a third derivative is not implemented")
+
+    @staticmethod
+    def vmap(info, in_dims, gg_x, gg_weight, gg_bias, grad_y, x, weight, bias, stats, groups, relu, pool, backend):
+        folded = fold_vmapped_dim((gg_x, gg_weight, gg_bias, grad_y, x, weight, bias, stats), in_dims[:8],
+                                  info.batch_size)
+        outs = GroupNormDoubleBackward.apply(*folded, groups, relu, pool, backend)
+        return _unfold(outs, info.batch_size), (0, 0, 0)
+
+
+def group_norm(x, weight, bias, groups, eps=1e-5, relu=False, pool=False, backend=None):
+    """GroupNorm of x [N, C, H, W] with `groups` groups and affine weight, bias [C] (biased
+    variance, as F.group_norm), then ReLU if `relu`, then a 2x2 stride-2 max-pool (floor) if
+    `pool`. One fused op on the C++ backend (fp32/fp64, twice differentiable, vmap over tasks
+    with per-task affine); other inputs take the twin. backend: see bmssl.backends."""
+    groups, eps = check_group_norm(x, weight, bias, groups, eps, pool)
+    name = backends.choose(SUPPORT, x.device, x.dtype, backend)
+    if name == "torch":
+        return reference.group_norm(x, weight, bias, groups, eps, relu, pool)
+    y, _ = GroupNormBlock.apply(x.unsqueeze(0), weight.unsqueeze(0), bias.unsqueeze(0), groups, eps,
+                                bool(relu), bool(pool), name)
+    return y.squeeze(0)

@@ -1,15 +1,20 @@
-"""Time per outer step and peak memory of one BMSSL / MetaSSL meta-gradient, four providers:
+"""Time per outer step and peak memory of one BMSSL / MetaSSL meta-gradient. Providers:
 
     (a) baseline: bench/unroll_baseline.py, a Python loop over tasks, autograd.grad(create_graph)
         per inner step, per-parameter updates, eager losses (learn2learn style)
-    (b) engine_torch: bmssl.meta's vmap engine with the pure-PyTorch twins (BMSSL_BACKEND=torch)
-    (c) engine_fused: the same engine with the fused kernels (BMSSL_BACKEND=auto)
+    (b) engine_torch: bmssl.meta's engine with the pure-PyTorch twins (BMSSL_BACKEND=torch)
+    (c) engine_fused: the same engine with the fused kernels (BMSSL_BACKEND=auto); its tasks run
+        as task_batching="auto" says: a loop on CPU, torch.func.vmap on CUDA
+    (c') engine_fused_vmap: (c) with task_batching="vmap" everywhere
+    (c'') engine_fused_checkpointed: (c) with checkpoint_inner_steps=True
     (d) engine_fused_graph: (c) captured with torch.compile(mode="reduce-overhead") -- CUDA only
 
 Configurations: omniglot (Conv4, 28x28x1) and mini (Conv4, 84x84x3), 5 ways, M1 = 1, M2 = 5.
+Random images and a seeded θ: every provider computes the same meta-gradient.
 
     python bench/bench_unroll.py --configs mini --inner-steps 5 --target-steps 5 --tasks 4
     python bench/bench_unroll.py --configs omniglot mini --inner-steps 1 5 10 --target-steps 0 5 10 20 --tasks 1 4 8
+    python bench/bench_unroll.py --memory-vs-steps 1 2 4 8 --configs mini --tasks 1   # peak memory against L
 """
 import argparse
 import itertools
@@ -33,12 +38,28 @@ CONFIGS = {"omniglot": (1, 28, 28), "mini": (3, 84, 84)}
 WAYS, SUPPORT_VIEWS, QUERY_VIEWS = 5, 1, 5
 
 
-def setup(config_name, inner_steps, target_steps, tasks, order, method, device, seed=0):
-    """(model, θ, batch, MetaConfig) with random images: timing does not depend on content."""
+# provider -> (BMSSL_BACKEND, MetaConfig fields that say how the engine runs)
+PROVIDERS = {
+    "baseline": ("torch", {}),
+    "engine_torch": ("torch", {}),
+    "engine_fused": ("auto", {}),
+    "engine_fused_vmap": ("auto", {"task_batching": "vmap"}),
+    "engine_fused_checkpointed": ("auto", {"checkpoint_inner_steps": True}),
+    "engine_fused_graph": ("auto", {}),
+}
+DEFAULT_PROVIDERS = ("baseline", "engine_torch", "engine_fused", "engine_fused_vmap", "engine_fused_graph")
+MEMORY_PROVIDERS = ("baseline", "engine_fused", "engine_fused_checkpointed")
+
+
+def setup(config_name, inner_steps, target_steps, tasks, order, method, device, seed=0, **execution):
+    """(model, θ, batch, MetaConfig) with random images: timing does not depend on content.
+    `execution`: MetaConfig fields that choose how the engine runs (task_batching, ...)."""
     shape = CONFIGS[config_name]
     config = MetaConfig(method=method, inner_steps=inner_steps, target_steps=target_steps, order=order,
-                        seed=seed)
-    model = FewShotModel(build_backbone("conv4", shape, seed=seed), config.projection_dim).to(device)
+                        seed=seed, **execution)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the projection head too: every provider and process gets the same θ
+        model = FewShotModel(build_backbone("conv4", shape, seed=seed), config.projection_dim).to(device)
     generator = torch.Generator().manual_seed(seed)
     support = torch.rand(tasks, WAYS * SUPPORT_VIEWS, *shape, generator=generator)
     query = torch.rand(tasks, WAYS * QUERY_VIEWS, *shape, generator=generator)
@@ -63,25 +84,29 @@ def provider_fn(name, model, theta, batch, config):
     return engine
 
 
-BACKEND_OF = {"baseline": "torch", "engine_torch": "torch", "engine_fused": "auto", "engine_fused_graph": "auto"}
+def provider_setup(name, setup_args, device):
+    backend, execution = PROVIDERS[name]
+    os.environ["BMSSL_BACKEND"] = backend
+    model, theta, batch, config = setup(*setup_args, device=device, **execution)
+    return provider_fn(name, model, theta, batch, config)
 
 
 def run_provider(name, setup_args, repeats, device):
-    os.environ["BMSSL_BACKEND"] = BACKEND_OF[name]
-    model, theta, batch, config = setup(*setup_args, device=device)
-    fn = provider_fn(name, model, theta, batch, config)
+    fn = provider_setup(name, setup_args, device)
     return common.time_ms(fn, device, warmup=1, repeats=repeats, max_seconds=120)
 
 
 def memory_child(argv):
-    name, *args = argv
-    os.environ["BMSSL_BACKEND"] = BACKEND_OF[name]
-    config_name, inner, target, tasks, order, method = args
-    model, theta, batch, config = setup(config_name, int(inner), int(target), int(tasks), int(order), method,
-                                        torch.device("cpu"))
-    fn = provider_fn(name, model, theta, batch, config)
+    """One warm-up outer step, then the peak RSS rise and the time of a second one."""
+    import time
+
+    name, config_name, inner, target, tasks, order, method = argv
+    fn = provider_setup(name, (config_name, int(inner), int(target), int(tasks), int(order), method),
+                        torch.device("cpu"))
     fn()
-    print(json.dumps({"peak_bytes": common.peak_rss_rise(fn)}))
+    start = time.perf_counter()
+    peak = common.peak_rss_rise(fn)
+    print(json.dumps({"peak_bytes": peak, "seconds": time.perf_counter() - start}))
 
 
 def main():
@@ -92,9 +117,14 @@ def main():
     parser.add_argument("--tasks", type=int, nargs="+", default=[4])
     parser.add_argument("--orders", type=int, nargs="+", default=[2])
     parser.add_argument("--method", default="bmssl", choices=["bmssl", "metassl"])
+    parser.add_argument("--providers", nargs="+", choices=sorted(PROVIDERS), default=None,
+                        help=f"default: {' '.join(DEFAULT_PROVIDERS)} (the graph one on CUDA only)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory-vs-steps", type=int, nargs="+", metavar="L", default=None,
+                        help="instead of the timing sweep: peak memory (CPU, fresh processes) of "
+                             f"{', '.join(MEMORY_PROVIDERS)} for each L, and a plot")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (1 keeps provider ratios fair on a shared machine)")
     parser.add_argument("--out", default="bench/results/unroll")
@@ -103,35 +133,66 @@ def main():
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the memory subprocesses too
     device = torch.device(args.device)
-    providers = ["baseline", "engine_torch", "engine_fused"] + (["engine_fused_graph"] if device.type == "cuda" else [])
+    if args.memory_vs_steps:
+        return memory_vs_steps(args)
+    providers = args.providers or [p for p in DEFAULT_PROVIDERS if p != "engine_fused_graph" or device.type == "cuda"]
     env = common.environment(device)
     grid = list(itertools.product(args.configs, args.inner_steps, args.target_steps, args.tasks, args.orders, providers))
     rows = []
     for config_name, inner, target, tasks, order, name in progress(grid, desc="unroll"):
         setup_args = (config_name, inner, target, tasks, order, args.method)
-        params = {"config": config_name, "L": inner, "delta": target, "K": tasks, "order": order,
-                  "method": args.method}
         timing = run_provider(name, setup_args, args.repeats, device)
         timing["steps_per_s"] = 1e3 / timing["median_ms"]
         if not args.no_memory and device.type == "cpu":
-            timing["peak_bytes"] = _memory(name, setup_args)
+            timing["peak_bytes"] = _memory(name, setup_args)["peak_bytes"]
         for metric, value in timing.items():
-            rows.append(common.row(env, "unroll", name, "outer_step", metric, params, value))
+            rows.append(common.row(env, "unroll", name, "outer_step", metric, _params(setup_args), value))
     table = {}
     for r in rows:
         table.setdefault((r["params"], r["provider"]), {})[r["metric"]] = r["value"]
-    print(f"{'configuration':<86} {'provider':<14} {'ms/step':>9} {'steps/s':>8} {'vs (a)':>7} {'peak MB':>8}")
+    print(f"{'configuration':<86} {'provider':<26} {'ms/step':>9} {'steps/s':>8} {'vs (a)':>7} {'peak MB':>8}")
     for (params, name), metrics in sorted(table.items()):
         base = table.get((params, "baseline"), {}).get("median_ms")
         ratio = f"{base / metrics['median_ms']:6.2f}x" if base else ""
         peak = f"{metrics['peak_bytes'] / 2**20:8.1f}" if "peak_bytes" in metrics else ""
-        print(f"{params:<86} {name:<14} {metrics['median_ms']:9.1f} {metrics['steps_per_s']:8.3f} {ratio:>7} {peak:>8}")
+        print(f"{params:<86} {name:<26} {metrics['median_ms']:9.1f} {metrics['steps_per_s']:8.3f} {ratio:>7} "
+              f"{peak:>8}")
     for path in common.write(rows, args.out):
         print(f"wrote {path}")
 
 
+def _params(setup_args):
+    config_name, inner, target, tasks, order, method = setup_args
+    return {"config": config_name, "L": inner, "delta": target, "K": tasks, "order": order, "method": method}
+
+
+def memory_vs_steps(args):
+    """Peak RSS rise of one outer step against L, each in a fresh process, for the baseline, the
+    fused engine and the fused engine with checkpointed inner steps; CSV, JSON and a PNG."""
+    env = common.environment(torch.device("cpu"))
+    grid = list(itertools.product(args.configs, args.memory_vs_steps, args.target_steps, args.tasks, args.orders,
+                                  args.providers or MEMORY_PROVIDERS))
+    rows = []
+    for config_name, inner, target, tasks, order, name in progress(grid, desc="memory vs L"):
+        setup_args = (config_name, inner, target, tasks, order, args.method)
+        measured = _memory(name, setup_args)
+        # the child's time runs with every allocation >= 64 KiB mmapped: a relative figure only
+        for metric, value in (("peak_bytes", measured["peak_bytes"]), ("memory_child_s", measured["seconds"])):
+            rows.append(common.row(env, "unroll", name, "outer_step", metric, _params(setup_args), value))
+        print(f"{name:<26} L={inner:<3} peak {measured['peak_bytes'] / 2**20:9.1f} MB  "
+              f"({measured['seconds']:.1f} s in the memory child)")
+    paths = common.write(rows, args.out)
+    for path in paths:
+        print(f"wrote {path}")
+    import subprocess
+
+    subprocess.run([sys.executable, str(Path(__file__).with_name("plot.py")), str(paths[0]), "--mode", "outer_step",
+                    "--metric", "peak_bytes", "--x", "L", "--linear"], check=True)
+
+
 def _memory(name, setup_args):
-    """Peak RSS rise of one outer step, in a fresh process (python bench/bench_unroll.py --memory-child)."""
+    """{"peak_bytes", "seconds"} of one outer step, in a fresh process (python bench/bench_unroll.py
+    --memory-child)."""
     import subprocess
 
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
@@ -139,7 +200,7 @@ def _memory(name, setup_args):
                          capture_output=True, text=True, timeout=3600, env=env)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

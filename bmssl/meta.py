@@ -57,7 +57,7 @@ TARGET_DATA = ("support", "support+query")
 SCHEDULES = ("cosine", "constant")
 TASK_BATCHING = ("auto", "vmap", "loop")
 # MetaConfig fields that choose how the maths runs, not what it computes
-EXECUTION_FIELDS = ("task_batching",)
+EXECUTION_FIELDS = ("task_batching", "checkpoint_inner_steps")
 VARIANTS = ("in", "out")
 
 
@@ -91,6 +91,7 @@ class MetaConfig:
     seed: int | None = 0               # draws the heads' initial weights (not the backbone's)
     # how the maths runs (never what it computes; may differ when a state is loaded)
     task_batching: str = "auto"        # "vmap" | "loop" | "auto": vmap on CUDA, loop on CPU
+    checkpoint_inner_steps: bool = False  # order 2: recompute each inner step in the backward
 
     def __post_init__(self):
         self.validate()
@@ -104,6 +105,11 @@ class MetaConfig:
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("order", self.order, (1, 2))
         _choice("task_batching", self.task_batching, TASK_BATCHING)
+        if not isinstance(self.checkpoint_inner_steps, bool):
+            raise ValueError(f"checkpoint_inner_steps must be True or False, got {self.checkpoint_inner_steps!r}")
+        if self.checkpoint_inner_steps and self.task_batching == "vmap":
+            raise ValueError("checkpoint_inner_steps runs each task's inner loop under torch.utils.checkpoint, "
+                             "which torch.func.vmap cannot trace: use task_batching='loop' or 'auto'")
         _integer("inner_steps", self.inner_steps, 0)
         _integer("target_steps", self.target_steps, 0)
         _integer("projection_dim", self.projection_dim, 1)
@@ -248,17 +254,41 @@ def detached(params: dict) -> dict:
     return {name: value.detach() for name, value in params.items()}
 
 
-def adapt(params: dict, loss_fn, steps: int, lr: float, create_graph: bool):
+def adapt(params: dict, loss_fn, steps: int, lr: float, create_graph: bool, checkpoint: bool = False):
     """SGD: w_{l+1} = w_l − lr ∇ loss_fn(w_l) for l < steps. create_graph=False detaches each
-    gradient (the step is then linear in w_l with slope 1). Returns w_steps and the losses
-    [loss(w_0), ..., loss(w_{steps-1})] (detached)."""
+    gradient (the step is then linear in w_l with slope 1). checkpoint (with create_graph): each
+    step runs under torch.utils.checkpoint, so the backward recomputes it instead of keeping its
+    activations (memory flat in the number of steps, at about one more step's compute each).
+    Returns w_steps and the losses [loss(w_0), ..., loss(w_{steps-1})] (detached)."""
     grad_and_loss = torch.func.grad_and_value(loss_fn)
     losses = []
     for _ in range(steps):
-        grads, loss = grad_and_loss(params if create_graph else detached(params))
-        params = sgd_unroll_step(params, grads, lr)  # every tensor in one fused op
+        if create_graph and checkpoint:
+            params, loss = checkpointed_step(params, loss_fn, lr)
+        else:
+            grads, loss = grad_and_loss(params if create_graph else detached(params))
+            params = sgd_unroll_step(params, grads, lr)  # every tensor in one fused op
         losses.append(loss.detach())
     return params, losses
+
+
+def checkpointed_step(params: dict, loss_fn, lr: float):
+    """One differentiable inner step, w − lr ∇ loss_fn(w), under torch.utils.checkpoint
+    (non-reentrant): only w is kept; the outer backward reruns the step, gradient included, to
+    differentiate it. Plain autograd inside (torch.func transforms do not nest in checkpoint).
+    Returns (the new weights, the loss at w)."""
+    names = list(params)
+
+    def step(*values):
+        # the zero head of w_0 is a constant: a leaf here, so that the step can differentiate it
+        weights = {n: v if v.requires_grad else v.detach().requires_grad_() for n, v in zip(names, values)}
+        loss = loss_fn(weights)
+        grads = torch.autograd.grad(loss, list(weights.values()), create_graph=True)
+        updated = sgd_unroll_step(weights, dict(zip(names, grads)), lr)
+        return (*(updated[n] for n in names), loss)
+
+    *values, loss = torch.utils.checkpoint.checkpoint(step, *params.values(), use_reentrant=False)
+    return dict(zip(names, values)), loss
 
 
 def inner_loss_fn(model, support, support_labels, query, query_labels, config, plan):
@@ -311,7 +341,8 @@ def adapt_to_task(model, theta, support, support_labels, query, query_labels, co
     the loss at w_L costs (None is returned for it, and for w_0 when L = 0): the caller has it."""
     start = model.task_parameters(theta, plan.ways)
     loss_fn = inner_loss_fn(model, support, support_labels, query, query_labels, config, plan)
-    adapted, losses = adapt(start, loss_fn, config.inner_steps, config.inner_lr, create_graph=config.order == 2)
+    adapted, losses = adapt(start, loss_fn, config.inner_steps, config.inner_lr, create_graph=config.order == 2,
+                            checkpoint=config.checkpoint_inner_steps)
     final = loss_fn(detached(adapted)).detach() if final_loss else None
     return adapted, (losses[0] if losses else final, final)
 
@@ -336,9 +367,10 @@ def task_outer_loss(model, theta, support, support_labels, query, query_labels, 
 def batches_tasks(config: MetaConfig, device: torch.device) -> bool:
     """True: the K tasks run as one torch.func.vmap; False: a Python loop over tasks.
     task_batching="auto" takes vmap on CUDA and the loop on CPU, where vmap's grouped
-    convolutions measured slower than K separate ones (bench/bench_unroll.py)."""
+    convolutions measured slower than K separate ones (bench/bench_unroll.py), and the loop
+    whenever inner steps are checkpointed."""
     if config.task_batching == "auto":
-        return device.type == "cuda"
+        return device.type == "cuda" and not config.checkpoint_inner_steps
     return config.task_batching == "vmap"
 
 
@@ -350,6 +382,9 @@ def meta_loss(model, theta, batch, config, batched=None):
     plan = plan_views(config, check_task_batch(batch))
     if batched is None:
         batched = batches_tasks(config, batch.support.device)
+    if batched and config.checkpoint_inner_steps:
+        raise ValueError("checkpoint_inner_steps needs the loop over tasks (batched=False): torch.func.vmap "
+                         "cannot trace torch.utils.checkpoint")
     support_labels, query_labels = batch.support_labels[0], batch.query_labels[0]
 
     def one_task(theta, support, query):

@@ -120,6 +120,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None
     task_batching: str = "auto"          # vmap | loop | auto (vmap on CUDA, loop on CPU)
+    checkpoint_inner_steps: bool = False # recompute inner steps in the backward (memory flat in L)
     checkpoint_every: int = 100
     stop_after: int | None = None
     log_every: int = 10
@@ -221,7 +222,7 @@ class TrainConfig:
             warmup_steps=self.warmup_steps,
             total_steps=self.schedule_steps or max(self.steps, self.warmup_steps, 1),
             min_lr_ratio=self.min_lr_ratio, clip_grad_norm=self.clip_grad_norm, seed=self.seed,
-            task_batching=self.task_batching)
+            task_batching=self.task_batching, checkpoint_inner_steps=self.checkpoint_inner_steps)
 
     def to_dict(self) -> dict:
         """Plain types only (tuples as lists), as stored in checkpoints and results.json."""
@@ -237,7 +238,8 @@ class TrainConfig:
 
 
 # Fields that may differ on --resume: where and how long to run, and what to evaluate.
-RUN_CONTROL = ("steps", "device", "threads", "task_batching", "checkpoint_every", "stop_after", "log_every", "progress", "eval",
+RUN_CONTROL = ("steps", "device", "threads", "task_batching", "checkpoint_inner_steps", "checkpoint_every",
+               "stop_after", "log_every", "progress", "eval",
                "eval_data", "eval_settings", "episodes", "protocols", "queries", "eval_batch", "eval_seed",
                "finetune_steps", "finetune_lr")
 
@@ -768,6 +770,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add(run, "threads", "torch CPU threads (default: torch's choice)", type=int)
     add(run, "task_batching", "the K tasks as one torch.func.vmap or a Python loop (auto: vmap on CUDA, loop "
         "on CPU, where it measured faster)", choices=TASK_BATCHING)
+    add(run, "checkpoint_inner_steps", "order 2: recompute each inner step in the backward instead of keeping "
+        "its activations (memory flat in L, about 30%% more time; needs the loop over tasks)",
+        action=argparse.BooleanOptionalAction)
     add(run, "checkpoint_every", "write checkpoint.pt and results.json every this many steps", type=int)
     add(run, "log_every", "without a terminal, print a progress line every this many steps", type=int)
     add(run, "progress", "show progress", action=argparse.BooleanOptionalAction)

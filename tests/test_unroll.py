@@ -53,3 +53,44 @@ def test_orders_differ():
     model, theta, batch, config = tiny_problem("bmssl", 1, 3, 2)
     first = unroll_baseline.outer_gradient(model, theta, batch, config)[0]
     assert any((second[n] - first[n]).abs().max() > 1e-6 for n in second)
+
+
+@pytest.mark.parametrize("method", ["bmssl", "metassl"])
+def test_checkpointed_inner_steps_give_the_same_outer_gradient(method):
+    """checkpoint_inner_steps recomputes each inner step in the backward (torch.utils.checkpoint)
+    instead of keeping its activations: the same numbers, less memory (bench/bench_unroll.py
+    --memory-vs-steps measures how much)."""
+    import dataclasses
+
+    inner, target = 3, 2
+    model, theta, batch, config = tiny_problem(method, 2, inner, target)
+    expected, expected_loss = unroll_baseline.outer_gradient(model, theta, batch, config)
+    config = dataclasses.replace(config, checkpoint_inner_steps=True)
+    got, loss, _ = meta_gradient(model, detached(theta), batch, config)
+    tolerance = 1e-10 * (inner + target + 1)
+    torch.testing.assert_close(loss, expected_loss, atol=tolerance, rtol=tolerance)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=tolerance, rtol=1e-8, msg=name)
+
+
+def test_checkpointing_with_vmap_is_refused_clearly():
+    with pytest.raises(ValueError, match="torch.func.vmap cannot trace"):
+        MetaConfig(checkpoint_inner_steps=True, task_batching="vmap")
+    model, theta, batch, config = tiny_problem("bmssl", 2, 2, 1)
+    import dataclasses
+
+    config = dataclasses.replace(config, checkpoint_inner_steps=True)
+    with pytest.raises(ValueError, match="needs the loop over tasks"):
+        meta_gradient(model, detached(theta), batch, config, batched=True)
+
+
+@pytest.mark.parametrize("task_batching", ["vmap", "loop"])
+def test_both_task_batchings_give_the_baseline_gradient(task_batching):
+    import dataclasses
+
+    model, theta, batch, config = tiny_problem("bmssl", 2, 2, 2)
+    expected, _ = unroll_baseline.outer_gradient(model, theta, batch, config)
+    config = dataclasses.replace(config, task_batching=task_batching)
+    got, _, _ = meta_gradient(model, detached(theta), batch, config)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=5e-10, rtol=1e-8, msg=name)

@@ -83,12 +83,12 @@ def _extension():
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = list(FLAGS["cxx"])
     if not WITH_CUDA:
-        return CppExtension("bmssl._C", sources, extra_compile_args={"cxx": cxx})
+        return CppExtension("bmssl._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=FLAGS["link"])
     sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("kernels/*.cu"))
     cxx += ["-DBMSSL_WITH_CUDA"]
     nvcc = list(FLAGS["nvcc"]) + ["-DBMSSL_WITH_CUDA"]
     return CUDAExtension("bmssl._C", sources, include_dirs=_nvidia_include_dirs(),
-                         extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+                         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=FLAGS["link"])
 
 
 def _write_build_config():

@@ -493,7 +493,11 @@ class World:
         return float(tensor)
 
     def close(self):
+        """Leave the job: wait for every rank (rank 0 may still be writing results), then tear the
+        group down. A rank that destroyed its gloo group while a peer was still connected could
+        abort at exit ("terminate called without an active exception")."""
         if self.owns_group and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 

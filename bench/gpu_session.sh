@@ -6,7 +6,8 @@
 #      NT-Xent GPU sweep of issue 4 (bf16, d = 128, M in {2, 4}, B in {4096, 16384, 65536}),
 #      most telling first: the CUDA NT-Xent tests (quick, no JIT); the sweep with eager,
 #      bmssl-triton, bmssl-cuda and inf-cl (when importable); the other GPU tests; last
-#      torch.compile, which compiles per shape and gets what time is left
+#      torch.compile, which compiles per shape and gets what time is left; between them the
+#      unroll benchmark of issue 5 (mini configuration, L = 5, δ = 5, K = 4)
 # Everything goes under $OUT (default bench/results/gpu): one log per step and steps.tsv with
 # each step's exit status and seconds. A failing or timed-out step is logged and the next one
 # runs. The whole session stops at BUDGET_S seconds (default 470, under 8 minutes).
@@ -67,6 +68,11 @@ step bench_ntxent_m2 90 "$PYTHON" -m bmssl.bench.ntxent "${SWEEP[@]}" --views 2 
   --out "$OUT/ntxent_m2"
 step bench_ntxent_m4 90 "$PYTHON" -m bmssl.bench.ntxent "${SWEEP[@]}" --views 4 --no-compile \
   --out "$OUT/ntxent_m4"
+
+# issue 5 on the GPU: (a) baseline, (b) twins, (c) fused, (d) fused + CUDA graph (reduce-overhead),
+# mini configuration, L = 5, δ = 5, K = 4, order 2; time per outer step and the allocator's peak
+step bench_unroll 120 "$PYTHON" bench/bench_unroll.py --device cuda --configs mini --inner-steps 5 \
+  --target-steps 5 --tasks 4 --repeats 5 --out "$OUT/unroll_mini"
 
 step test_gpu_rest 150 env BMSSL_TEST_TRITON_GPU=1 \
   "$PYTHON" -m pytest -q -m gpu tests/ -k "not (ntxent and cuda)" -p no:cacheprovider --durations=15 \

@@ -235,6 +235,25 @@ def test_learner_is_deterministic_and_resumes_exactly():
         tiny_learner(**{**options, "inner_lr": 0.5}).load_state_dict(learner.state_dict())
 
 
+def test_how_the_engine_runs_may_change_on_load_and_changes_no_number():
+    """task_batching and checkpoint_inner_steps choose how the maths runs, not what it computes:
+    a state saved under one loads under the other (also when the saved config predates the
+    fields), and the next steps agree to rounding."""
+    options = dict(method="bmssl", warmup_steps=0, total_steps=4)
+    batches = [random_batch(seed=20 + i) for i in range(3)]
+    learner = tiny_learner(**options, task_batching="vmap")
+    run_steps(learner, batches[:1])
+    state = learner.state_dict()
+    continued = run_steps(learner, batches[1:])
+    other = tiny_learner(**options, task_batching="loop", checkpoint_inner_steps=True)
+    state["config"] = {k: v for k, v in state["config"].items() if k not in meta.EXECUTION_FIELDS}
+    other.load_state_dict(state)
+    resumed = run_steps(other, batches[1:])
+    for a, b in zip(continued, resumed):
+        assert a["outer_loss"] == pytest.approx(b["outer_loss"], rel=1e-10)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-10)
+
+
 @pytest.mark.parametrize("method", ["metassl", "simclr"])
 def test_training_reduces_the_loss_on_a_learnable_problem(method):
     """Fresh images every step; an image's views are the image plus a little noise."""

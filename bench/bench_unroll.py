@@ -36,6 +36,7 @@ from bmssl.tasks import TaskBatch  # noqa: E402
 
 CONFIGS = {"omniglot": (1, 28, 28), "mini": (3, 84, 84)}
 WAYS, SUPPORT_VIEWS, QUERY_VIEWS = 5, 1, 5
+DTYPE_VAR = "BMSSL_BENCH_UNROLL_DTYPE"  # set by --dtype, read by setup() here and in the child processes
 
 
 # provider -> (BMSSL_BACKEND, MetaConfig fields that say how the engine runs)
@@ -57,12 +58,13 @@ def setup(config_name, inner_steps, target_steps, tasks, order, method, device, 
     shape = CONFIGS[config_name]
     config = MetaConfig(method=method, inner_steps=inner_steps, target_steps=target_steps, order=order,
                         seed=seed, **execution)
+    dtype = getattr(torch, os.environ.get(DTYPE_VAR, "float32"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the projection head too: every provider and process gets the same θ
-        model = FewShotModel(build_backbone("conv4", shape, seed=seed), config.projection_dim).to(device)
+        model = FewShotModel(build_backbone("conv4", shape, seed=seed), config.projection_dim).to(device, dtype)
     generator = torch.Generator().manual_seed(seed)
-    support = torch.rand(tasks, WAYS * SUPPORT_VIEWS, *shape, generator=generator)
-    query = torch.rand(tasks, WAYS * QUERY_VIEWS, *shape, generator=generator)
+    support = torch.rand(tasks, WAYS * SUPPORT_VIEWS, *shape, generator=generator, dtype=dtype)
+    query = torch.rand(tasks, WAYS * QUERY_VIEWS, *shape, generator=generator, dtype=dtype)
     labels = lambda views: torch.arange(WAYS).repeat_interleave(views).expand(tasks, -1)  # noqa: E731
     batch = TaskBatch(support.to(device), labels(SUPPORT_VIEWS).to(device), query.to(device),
                       labels(QUERY_VIEWS).to(device), torch.arange(tasks * WAYS).view(tasks, WAYS))
@@ -162,6 +164,10 @@ def main():
     parser.add_argument("--providers", nargs="+", choices=sorted(PROVIDERS), default=None,
                         help=f"default: {' '.join(DEFAULT_PROVIDERS)} (the graph one on CUDA only)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                        help="float64 checks that every provider computes the baseline's meta-gradient: in "
+                             "float32 this random-image problem is chaotic (the baseline's own gradient moves "
+                             "by ~50%% under a 1e-7 change of the images at L = δ = 5)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-vs-steps", type=int, nargs="+", metavar="L", default=None,
@@ -175,6 +181,7 @@ def main():
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the memory subprocesses too
     device = torch.device(args.device)
+    os.environ[DTYPE_VAR] = args.dtype
     if args.memory_vs_steps:
         return memory_vs_steps(args)
     providers = args.providers or [p for p in DEFAULT_PROVIDERS if p != "engine_fused_graph" or device.type == "cuda"]
@@ -211,7 +218,8 @@ def main():
 
 def _params(setup_args):
     config_name, inner, target, tasks, order, method = setup_args
-    return {"config": config_name, "L": inner, "delta": target, "K": tasks, "order": order, "method": method}
+    return {"config": config_name, "L": inner, "delta": target, "K": tasks, "order": order, "method": method,
+            "dtype": os.environ.get(DTYPE_VAR, "float32")}
 
 
 def memory_vs_steps(args):

@@ -775,7 +775,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add(run, "task_batching", "the K tasks as one torch.func.vmap or a Python loop (auto: vmap on CUDA, loop "
         "on CPU, where it measured faster)", choices=TASK_BATCHING)
     add(run, "checkpoint_inner_steps", "order 2: recompute each inner step in the backward instead of keeping "
-        "its activations (memory flat in L, about 30%% more time; needs the loop over tasks)",
+        "its activations (memory flat in L; 35%% more time at L = 8, measured; needs the loop over tasks)",
         action=argparse.BooleanOptionalAction)
     add(run, "checkpoint_every", "write checkpoint.pt and results.json every this many steps", type=int)
     add(run, "log_every", "without a terminal, print a progress line every this many steps", type=int)

@@ -160,7 +160,8 @@ def main():
     parser.add_argument("--target-steps", type=int, nargs="+", default=[5])
     parser.add_argument("--tasks", type=int, nargs="+", default=[4])
     parser.add_argument("--orders", type=int, nargs="+", default=[2])
-    parser.add_argument("--method", default="bmssl", choices=["bmssl", "metassl"])
+    parser.add_argument("--method", default="bmssl", choices=["bmssl", "metassl"],
+                        help="bmssl points with --target-steps 0 run as metassl (no target at δ = 0)")
     parser.add_argument("--providers", nargs="+", choices=sorted(PROVIDERS), default=None,
                         help=f"default: {' '.join(DEFAULT_PROVIDERS)} (the graph one on CUDA only)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -187,10 +188,15 @@ def main():
     providers = args.providers or [p for p in DEFAULT_PROVIDERS if p != "engine_fused_graph" or device.type == "cuda"]
     env = common.environment(device)
     grid = list(itertools.product(args.configs, args.inner_steps, args.target_steps, args.tasks, args.orders, providers))
-    rows, reference_grads = [], {}
+    rows, reference_grads, failed = [], {}, []
     for config_name, inner, target, tasks, order, name in progress(grid, desc="unroll"):
-        setup_args = (config_name, inner, target, tasks, order, args.method)
-        timing, grads = run_provider(name, setup_args, args.repeats, device)
+        setup_args = (config_name, inner, target, tasks, order, _method(args.method, target))
+        try:
+            timing, grads = run_provider(name, setup_args, args.repeats, device)
+        except RuntimeError as error:  # one failing point is reported and the sweep goes on
+            failed.append((name, _params(setup_args)))
+            print(f"\n{name} {_params(setup_args)} failed:\n{error}", file=sys.stderr)
+            continue
         timing["steps_per_s"] = 1e3 / timing["median_ms"]
         # every provider computes the same meta-gradient: its distance to the first one's
         reference = reference_grads.setdefault(setup_args, grads)
@@ -201,6 +207,7 @@ def main():
             timing["peak_bytes"] = common.peak_cuda_bytes(provider_setup(name, setup_args, device), device)
         for metric, value in timing.items():
             rows.append(common.row(env, "unroll", name, "outer_step", metric, _params(setup_args), value))
+        common.write(rows, args.out)  # after every point: a long sweep that stops keeps what it measured
     table = {}
     for r in rows:
         table.setdefault((r["params"], r["provider"]), {})[r["metric"]] = r["value"]
@@ -214,6 +221,14 @@ def main():
               f"{peak:>8} {metrics['grad_rel_diff']:13.1e}")
     for path in common.write(rows, args.out):
         print(f"wrote {path}")
+    if failed:
+        sys.exit(f"{len(failed)} point(s) failed: {failed}")
+
+
+def _method(method, target_steps):
+    """δ = 0 has no bootstrapped target (w_{L+0} is w_L: the KL is 0): that point of the sweep
+    is the MetaSSL objective, the same unroll without the target steps."""
+    return "metassl" if method == "bmssl" and target_steps == 0 else method
 
 
 def _params(setup_args):
@@ -230,7 +245,7 @@ def memory_vs_steps(args):
                                   args.providers or MEMORY_PROVIDERS))
     rows = []
     for config_name, inner, target, tasks, order, name in progress(grid, desc="memory vs L"):
-        setup_args = (config_name, inner, target, tasks, order, args.method)
+        setup_args = (config_name, inner, target, tasks, order, _method(args.method, target))
         measured = _memory(name, setup_args)
         # the child's time runs with every allocation >= 64 KiB mmapped: a relative figure only
         for metric, value in (("peak_bytes", measured["peak_bytes"]), ("memory_child_s", measured["seconds"])):

@@ -5,7 +5,9 @@ Times are medians (with 20th/80th percentiles) of many repeats after warm-up; on
 are taken with CUDA events.
 """
 import csv
+import io
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -168,13 +170,18 @@ def row(env, op, provider, mode, metric, params, value):
 
 
 def write(rows, out_prefix):
-    """Write rows to <out_prefix>.csv and <out_prefix>.json; returns the two paths."""
+    """Write rows to <out_prefix>.csv and <out_prefix>.json, each atomically (a temporary file
+    renamed over the old one): a sweep that rewrites them after every point never leaves a
+    half-written file. Returns the two paths."""
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = out_prefix.with_suffix(".csv"), out_prefix.with_suffix(".json")
-    with open(csv_path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    json_path.write_text(json.dumps(rows, indent=1) + "\n")
+    csv_text = io.StringIO()
+    writer = csv.DictWriter(csv_text, fieldnames=FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    for path, text in ((csv_path, csv_text.getvalue()), (json_path, json.dumps(rows, indent=1) + "\n")):
+        scratch = path.with_name(path.name + ".partial")
+        scratch.write_text(text)
+        os.replace(scratch, path)
     return csv_path, json_path

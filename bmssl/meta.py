@@ -39,7 +39,6 @@ batch, no meta level, same data) and "scratch" (step() trains nothing).
 """
 import dataclasses
 import math
-import numbers
 import time
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
@@ -49,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bmssl.models import HEADS, FewShotModel
+from bmssl import validate
 from bmssl.ops import kl_bootstrap, ntxent, sgd_unroll_step
 
 METHODS = ("bmssl", "metassl", "simclr", "scratch")
@@ -129,8 +129,7 @@ class MetaConfig:
                 raise ValueError(f"total_steps ({self.total_steps}) must be >= warmup_steps ({self.warmup_steps})")
         if self.clip_grad_norm is not None:
             _positive("clip_grad_norm", self.clip_grad_norm)
-        if not (isinstance(self.min_lr_ratio, numbers.Real) and 0 <= self.min_lr_ratio <= 1):
-            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio!r}")
+        validate.field_in_interval("min_lr_ratio", self.min_lr_ratio, 0, 1)
         if self.head == "shared":
             if self.ways is None:
                 raise ValueError("head='shared' needs ways (the size of the meta-learned head)")
@@ -144,24 +143,10 @@ class MetaConfig:
             _integer("seed", self.seed, 0)
 
 
-def _choice(name, value, choices):
-    if isinstance(value, bool) or value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-
-
-def _integer(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def _non_negative(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+_choice = validate.field_choice
+_integer = validate.field_integer
+_positive = validate.field_positive
+_non_negative = validate.field_non_negative
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,6 @@ import dataclasses
 import datetime
 import hashlib
 import math
-import numbers
 import os
 import platform
 import re
@@ -51,7 +50,7 @@ import torch
 import torch.distributed as dist
 
 import bmssl
-from bmssl import run_files
+from bmssl import run_files, validate
 from bmssl.augment import AugmentConfig
 from bmssl.meta import (CONTRASTIVE_VIEWS, METHODS, SCHEDULES, TARGET_DATA, TASK_BATCHING, VARIANTS, MetaConfig,
                         MetaLearner)
@@ -254,27 +253,21 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# The checks of bmssl.validate, naming the field by its flag.
 def _choice(name, value, choices):
-    if isinstance(value, bool) or value not in choices:
-        raise ValueError(f"{flag(name)} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    validate.field_choice(flag(name), value, choices)
 
 
 def _integer(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{flag(name)} must be an integer >= {minimum}, got {value!r}")
+    validate.field_integer(flag(name), value, minimum)
 
 
 def _positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{flag(name)} must be a finite number > 0, got {value!r}")
+    validate.field_positive(flag(name), value)
 
 
 def _real(name, value, low, high, open_ends=False):
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and ((low < value < high) if open_ends else (low <= value <= high))
-    if not ok:
-        interval = f"({low}, {high})" if open_ends else f"[{low}, {high}]"
-        raise ValueError(f"{flag(name)} must lie in {interval}, got {value!r}")
+    validate.field_in_interval(flag(name), value, low, high, open_ends)
 
 
 def parse_settings(settings) -> list:

@@ -149,3 +149,38 @@ def check_group_norm(x, weight, bias, groups, eps, pool) -> tuple:
     if pool and min(x.shape[2], x.shape[3]) < 2:
         raise ValueError(f"{op}: the 2x2 pool needs H, W >= 2, got {x.shape[2]}x{x.shape[3]}")
     return int(groups), float(eps)
+
+
+# ---- configuration fields (MetaConfig, TrainConfig): `label` is how the message names the
+# field (the field name, or its command-line flag) ---------------------------------------------
+
+
+def field_choice(label: str, value, choices) -> None:
+    if isinstance(value, bool) or value not in choices:
+        raise ValueError(f"{label} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def field_integer(label: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{label} must be an integer >= {minimum}, got {value!r}")
+
+
+def _finite_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def field_positive(label: str, value) -> None:
+    if not (_finite_real(value) and value > 0):
+        raise ValueError(f"{label} must be a finite number > 0, got {value!r}")
+
+
+def field_non_negative(label: str, value) -> None:
+    if not (_finite_real(value) and value >= 0):
+        raise ValueError(f"{label} must be a finite number >= 0, got {value!r}")
+
+
+def field_in_interval(label: str, value, low, high, open_ends: bool = False) -> None:
+    inside = _finite_real(value) and ((low < value < high) if open_ends else (low <= value <= high))
+    if not inside:
+        interval = f"({low}, {high})" if open_ends else f"[{low}, {high}]"
+        raise ValueError(f"{label} must lie in {interval}, got {value!r}")

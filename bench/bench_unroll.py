@@ -7,7 +7,9 @@
         as task_batching="auto" says: a loop on CPU, torch.func.vmap on CUDA
     (c') engine_fused_vmap: (c) with task_batching="vmap" everywhere
     (c'') engine_fused_checkpointed: (c) with checkpoint_inner_steps=True
-    (d) engine_fused_graph: (c) captured with torch.compile(mode="reduce-overhead") -- CUDA only
+    (d) engine_fused_graph: (c) captured once as a CUDA graph and replayed (bmssl.cuda_graph) -- CUDA only
+    (d') engine_fused_compiled: (c) under torch.compile(mode="reduce-overhead") -- CUDA only, not in the
+        default list (it compiles per shape, and autograd.grad inside breaks its graph)
 
 Configurations: omniglot (Conv4, 28x28x1) and mini (Conv4, 84x84x3), 5 ways, M1 = 1, M2 = 5.
 Random images and a seeded θ: every provider computes the same meta-gradient.
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import unroll_baseline  # noqa: E402
 
 from bmssl.bench import common  # noqa: E402
+from bmssl.cuda_graph import CapturedMetaGradient  # noqa: E402
 from bmssl.meta import MetaConfig, detached, meta_gradient  # noqa: E402
 from bmssl.models import FewShotModel, build_backbone  # noqa: E402
 from bmssl.progress import progress  # noqa: E402
@@ -47,7 +50,9 @@ PROVIDERS = {
     "engine_fused_vmap": ("auto", {"task_batching": "vmap"}),
     "engine_fused_checkpointed": ("auto", {"checkpoint_inner_steps": True}),
     "engine_fused_graph": ("auto", {}),
+    "engine_fused_compiled": ("auto", {}),
 }
+CUDA_ONLY = ("engine_fused_graph", "engine_fused_compiled")
 DEFAULT_PROVIDERS = ("baseline", "engine_torch", "engine_fused", "engine_fused_vmap", "engine_fused_graph")
 MEMORY_PROVIDERS = ("baseline", "engine_fused", "engine_fused_checkpointed")
 
@@ -82,6 +87,9 @@ def provider_fn(name, model, theta, batch, config):
         return grads, loss
 
     if name == "engine_fused_graph":
+        captured = CapturedMetaGradient(model, detached(theta), batch, config)
+        return lambda: captured(theta, batch)[:2]
+    if name == "engine_fused_compiled":
         return torch.compile(engine, mode="reduce-overhead")
     return engine
 
@@ -163,7 +171,7 @@ def main():
     parser.add_argument("--method", default="bmssl", choices=["bmssl", "metassl"],
                         help="bmssl points with --target-steps 0 run as metassl (no target at δ = 0)")
     parser.add_argument("--providers", nargs="+", choices=sorted(PROVIDERS), default=None,
-                        help=f"default: {' '.join(DEFAULT_PROVIDERS)} (the graph one on CUDA only)")
+                        help=f"default: {' '.join(DEFAULT_PROVIDERS)} ({', '.join(CUDA_ONLY)}: CUDA only)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                         help="float64 checks that every provider computes the baseline's meta-gradient: in "
@@ -185,7 +193,9 @@ def main():
     os.environ[DTYPE_VAR] = args.dtype
     if args.memory_vs_steps:
         return memory_vs_steps(args)
-    providers = args.providers or [p for p in DEFAULT_PROVIDERS if p != "engine_fused_graph" or device.type == "cuda"]
+    providers = args.providers or [p for p in DEFAULT_PROVIDERS if p not in CUDA_ONLY or device.type == "cuda"]
+    if device.type != "cuda" and set(providers) & set(CUDA_ONLY):
+        parser.error(f"{', '.join(sorted(set(providers) & set(CUDA_ONLY)))} run on CUDA only")
     env = common.environment(device)
     grid = list(itertools.product(args.configs, args.inner_steps, args.target_steps, args.tasks, args.orders, providers))
     rows, reference_grads, failed = [], {}, []

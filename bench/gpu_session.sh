@@ -69,7 +69,8 @@ step bench_ntxent_m2 90 "$PYTHON" -m bmssl.bench.ntxent "${SWEEP[@]}" --views 2 
 step bench_ntxent_m4 90 "$PYTHON" -m bmssl.bench.ntxent "${SWEEP[@]}" --views 4 --no-compile \
   --out "$OUT/ntxent_m4"
 
-# issue 5 on the GPU: (a) baseline, (b) twins, (c) fused, (d) fused + CUDA graph (reduce-overhead),
+# issue 5 on the GPU: (a) baseline, (b) twins, (c) fused, (c') fused under vmap, (d) fused + CUDA graph
+# (bmssl.cuda_graph: the whole step captured once, replayed),
 # mini configuration, L = 5, δ = 5, K = 4, order 2; time per outer step and the allocator's peak
 step bench_unroll 120 "$PYTHON" bench/bench_unroll.py --device cuda --configs mini --inner-steps 5 \
   --target-steps 5 --tasks 4 --repeats 5 --out "$OUT/unroll_mini"

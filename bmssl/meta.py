@@ -359,12 +359,13 @@ def batches_tasks(config: MetaConfig, device: torch.device) -> bool:
     return config.task_batching == "vmap"
 
 
-def meta_loss(model, theta, batch, config, batched=None):
+def meta_loss(model, theta, batch, config, batched=None, shape=None):
     """mean_k outer_k(θ) over the K tasks of `batch`: torch.func.vmap over tasks (θ and the
     labels shared, in_dims=None), or a Python loop when batched=False (None: as
     config.task_batching says). Returns (loss, aux) with aux the per-task means of
-    task_outer_loss's aux."""
-    plan = plan_views(config, check_task_batch(batch))
+    task_outer_loss's aux. shape: the batch's TaskShape, when check_task_batch has already
+    read it (the check reads label values, which a CUDA graph capture cannot)."""
+    plan = plan_views(config, shape if shape is not None else check_task_batch(batch))
     if batched is None:
         batched = batches_tasks(config, batch.support.device)
     if batched and config.checkpoint_inner_steps:
@@ -384,17 +385,21 @@ def meta_loss(model, theta, batch, config, batched=None):
     return losses.mean(), tuple(a.mean() for a in aux)
 
 
-def simclr_loss(model, theta, batch, config, ntxent_fn=None):
+def simclr_loss(model, theta, batch, config, ntxent_fn=None, ways=None):
     """NT-Xent over all M = M1 + M2 views of every image of the batch (K·W images; the views
     of image j of task k are positives), no meta level. `ntxent_fn(z, labels, temperature,
     variant)` replaces bmssl.ntxent (torchrun passes one whose negatives span every rank)."""
     support, query = batch.support, batch.query
-    tasks, ways = support.shape[0], batch.support_labels[0].max().item() + 1
+    tasks = support.shape[0]
+    ways = ways if ways is not None else batch.support_labels[0].max().item() + 1
     images = torch.cat([support, query], dim=1).flatten(0, 1)
     offsets = torch.arange(tasks, device=support.device)[:, None] * ways
     labels = torch.cat([batch.support_labels + offsets, batch.query_labels + offsets], dim=1).flatten()
     z = model.embeddings(theta, model.features(theta, images))
     return (ntxent_fn or ntxent)(z, labels.long(), config.contrastive_temperature, config.contrastive_variant)
+
+
+AUX_NAMES = ("inner_loss_start", "inner_loss", "query_accuracy")
 
 
 def meta_gradient(model, theta, batch, config, batched=None, simclr_ntxent=None):
@@ -404,14 +409,24 @@ def meta_gradient(model, theta, batch, config, batched=None, simclr_ntxent=None)
     The outer gradient is plain reverse-mode autograd over θ (leaf tensors), around the
     functorch transforms inside (vmap over tasks, torch.func.grad per inner step). Its backward
     builds no graph of its own, so the ops need second derivatives only, never third."""
+    grads, loss, aux = meta_gradient_tensors(model, theta, batch, config, batched, simclr_ntxent)
+    return grads, loss, {name: value.item() for name, value in aux.items()}
+
+
+def meta_gradient_tensors(model, theta, batch, config, batched=None, simclr_ntxent=None, shape=None):
+    """meta_gradient with aux as 0-dim tensors: nothing here reads a tensor's value when
+    `shape` (the batch's TaskShape, from check_task_batch) is given, so a CUDA graph can capture
+    it (bmssl.cuda_graph)."""
     leaves = {name: value.detach().requires_grad_() for name, value in theta.items()}
     with torch.enable_grad():
         if config.method == "simclr":
-            check_task_batch(batch)
-            loss, aux = simclr_loss(model, leaves, batch, config, simclr_ntxent), {}
+            if shape is None:
+                check_task_batch(batch)
+            ways = shape.ways if shape is not None else None
+            loss, aux = simclr_loss(model, leaves, batch, config, simclr_ntxent, ways), {}
         else:
-            loss, aux = meta_loss(model, leaves, batch, config, batched)
-            aux = dict(zip(("inner_loss_start", "inner_loss", "query_accuracy"), (a.item() for a in aux)))
+            loss, aux = meta_loss(model, leaves, batch, config, batched, shape)
+            aux = dict(zip(AUX_NAMES, (a.detach() for a in aux)))
     grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
     grads = {name: torch.zeros_like(value) if grad is None else grad
              for (name, value), grad in zip(leaves.items(), grads)}

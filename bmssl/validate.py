@@ -9,6 +9,17 @@ VARIANTS = ("in", "out")
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def values_readable() -> bool:
+    """False while torch.compile traces or a CUDA graph is being captured. Checks that read a
+    tensor's values (labels in range, each anchor with a positive) would break the compiled
+    graph, or wait on the GPU inside a capture (not allowed); they are skipped then, and the
+    kernels (which flag bad labels themselves) or the eager call made before the capture
+    (bmssl.cuda_graph) check them instead."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
 def check_temperature(op: str, temperature) -> float:
     if isinstance(temperature, torch.Tensor):
         if temperature.numel() != 1:
@@ -71,9 +82,9 @@ def check_ntxent(z, labels, temperature, variant) -> float:
     if labels.device != z.device:
         raise ValueError(f"{op}: z is on {z.device} but labels are on {labels.device}")
     check_choice(op, "variant", variant, VARIANTS)
-    if torch.compiler.is_compiling():
-        # Reading label values would break the graph; the compiled kernels check them instead
-        # (RuntimeError from the op: labels out of range, or an anchor with no positive).
+    if not values_readable():
+        # compiled or captured: the kernels check the labels instead (RuntimeError from the op:
+        # labels out of range, or an anchor with no positive)
         return check_temperature(op, temperature)
     batch = z.shape[-2]
     low, high = int(labels.min()), int(labels.max())
@@ -113,7 +124,7 @@ def check_ntxent_rect(z_rows, z_cols, labels_rows, labels_cols, row_offset, temp
         if labels.device != z_rows.device:
             raise ValueError(f"{op}: {name} are on {labels.device}, z on {z_rows.device}")
     check_choice(op, "variant", variant, VARIANTS)
-    if not torch.compiler.is_compiling():
+    if values_readable():
         columns = z_cols.shape[0]
         if int(labels_cols.min()) < 0 or int(labels_cols.max()) >= columns:
             raise ValueError(f"{op}: labels must lie in [0, N) = [0, {columns})")

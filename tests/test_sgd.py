@@ -37,6 +37,24 @@ def test_matches_twin(backend, dtype):
         torch.testing.assert_close(out, expected, atol=1e-2 if dtype != torch.float32 else 1e-6, rtol=1e-2)
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_one_launch_per_tensor_while_a_cuda_graph_is_captured(dtype, monkeypatch):
+    """Inside a capture the pointer tables cannot be copied in: each tensor gets its own launch
+    (bmssl/triton/sgd_unroll_step.py). That path, forced here, gives the same step, and builds no
+    table (torch.tensor is not called)."""
+    from bmssl.triton import sgd_unroll_step as kernels
+
+    params, grads = make(dtype)
+    expected = bmssl.ops.sgd_unroll_step(params, grads, 0.3, backend="triton")
+    monkeypatch.setattr(kernels, "capturing", lambda device: True)
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: pytest.fail("built a pointer table while capturing"))
+    got = kernels.sgd_unroll_step(params, grads, 0.3)
+    for out, want in zip(got, expected):
+        assert out.dtype == dtype
+        torch.testing.assert_close(out, want, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_is_identity_and_minus_lr(backend):
     params, grads = make(requires_grad=True)

@@ -2,6 +2,9 @@
 
 The tensors' addresses go in int64 tables; program (k, b) casts entry k to a pointer and
 updates block b of tensor k. All tensors share one dtype; fp16/bf16 compute in fp32.
+While a CUDA graph is being captured the tables cannot be built (they are copied from host
+memory, which a capture forbids), and launches cost nothing on replay: then each tensor gets
+its own launch of the one-tensor kernel.
 """
 import torch
 
@@ -24,6 +27,13 @@ if triton is not None:
             value = tl.load(p + offsets, mask=mask).to(tl.float32) - lr * tl.load(g + offsets, mask=mask).to(tl.float32)
             tl.store(out + offsets, value.to(DTYPE), mask=mask)
 
+    @jit
+    def _sgd_one_kernel(param, grad, out, n, lr, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        value = tl.load(param + offsets, mask=mask).to(tl.float32) - lr * tl.load(grad + offsets, mask=mask).to(tl.float32)
+        tl.store(out + offsets, value.to(out.dtype.element_ty), mask=mask)
+
 
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -35,14 +45,23 @@ def sgd_unroll_step(params, grads, lr):
     grads = [g.contiguous() for g in grads]
     outs = [torch.empty_like(p) for p in params]
     device = params[0].device
+    block = 1024
+    if capturing(device):
+        for p, g, out in zip(params, grads, outs):
+            _sgd_one_kernel[(max(1, triton.cdiv(p.numel(), block)),)](p, g, out, p.numel(), lr, BLOCK=block)
+        return outs
 
     def table(tensors):
         return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
 
     numels = torch.tensor([p.numel() for p in params], dtype=torch.int64, device=device)
-    block = 1024
     blocks = max(1, triton.cdiv(max(p.numel() for p in params), block))
     dtype = getattr(tl, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[_DTYPES[params[0].dtype]])
     _sgd_kernel[(len(params), blocks)](table(params), table(grads), table(outs), numels, lr, BLOCK=block,
                                        DTYPE=dtype)
     return outs
+
+
+def capturing(device) -> bool:
+    """Whether the current CUDA stream is being captured into a graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()

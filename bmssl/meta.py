@@ -245,7 +245,7 @@ def adapt(params: dict, loss_fn, steps: int, lr: float, create_graph: bool, chec
     step runs under torch.utils.checkpoint, so the backward recomputes it instead of keeping its
     activations (memory flat in the number of steps, at about one more step's compute each).
     Returns w_steps and the losses [loss(w_0), ..., loss(w_{steps-1})] (detached)."""
-    grad_and_loss = torch.func.grad_and_value(loss_fn)
+    grad_and_loss = torch.func.grad_and_value(loss_fn) if inside_functorch() else _autograd_grad_and_loss(loss_fn)
     losses = []
     for _ in range(steps):
         if create_graph and checkpoint:
@@ -255,6 +255,31 @@ def adapt(params: dict, loss_fn, steps: int, lr: float, create_graph: bool, chec
             params = sgd_unroll_step(params, grads, lr)  # every tensor in one fused op
         losses.append(loss.detach())
     return params, losses
+
+
+def inside_functorch() -> bool:
+    """Whether a torch.func transform (vmap over tasks, grad) is active around this call."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _autograd_grad_and_loss(loss_fn):
+    """torch.func.grad_and_value(loss_fn) in plain autograd, for the loop over tasks: the same
+    gradient (differentiable when the weights carry a graph), without functorch's wrapper around
+    every op, which also swaps torch's fused GroupNorm backward for a composite one."""
+
+    def grad_and_loss(params):
+        # differentiable gradients when the weights carry a graph to θ, as torch.func.grad's are
+        differentiable = torch.is_grad_enabled() and any(v.requires_grad for v in params.values())
+        with torch.enable_grad():
+            # a weight with no graph (the zero head of w_0, or every weight of a graph-free
+            # step) is a leaf here, so that autograd can differentiate it
+            weights = {n: v if v.requires_grad else v.detach().requires_grad_() for n, v in params.items()}
+            loss = loss_fn(weights)
+            grads = torch.autograd.grad(loss, list(weights.values()), create_graph=differentiable,
+                                        allow_unused=True, materialize_grads=True)  # unused: 0, as torch.func
+        return dict(zip(weights, grads)), (loss if differentiable else loss.detach())
+
+    return grad_and_loss
 
 
 def checkpointed_step(params: dict, loss_fn, lr: float):

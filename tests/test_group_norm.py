@@ -1,10 +1,12 @@
 """The fused GroupNorm (+ ReLU) (+ 2x2 max-pool) op against its twin (F.group_norm, relu,
 max_pool2d): output, gradient and Hessian-vector product on hypothesis-drawn shapes (odd sizes,
 one group, one sample), the op contract (opcheck, gradcheck, gradgradcheck, vmap over tasks with
-per-task affine, torch.compile) and the edges (bad input, NaN and overflow)."""
+per-task affine, torch.compile) and the edges (bad input, NaN and overflow, tied windows). The
+C++ CPU backend is checked in fp32 / fp64; the Triton backend in its interpreter on small shapes
+in fp32 / fp16 / bf16 (the compiled kernels and Conv4-sized layers on a GPU)."""
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bmssl
@@ -14,6 +16,11 @@ from tolerances import assert_close_to_oracle
 
 CPU = torch.device("cpu")
 FLAGS = [(False, False), (True, False), (False, True), (True, True)]
+# the Triton interpreter serves CPU tensors unless BMSSL_TEST_TRITON_GPU=1 compiles for a GPU
+TRITON_ON_CPU = backends.input_reason("triton", SUPPORT, CPU, torch.float32) is None
+CPU_BACKENDS = ["cpu"] + ["triton"] * TRITON_ON_CPU
+needs_triton_on_cpu = pytest.mark.skipif(not TRITON_ON_CPU, reason="Triton runs on the GPU here, not in its "
+                                         "interpreter: see the gpu tests")
 
 
 def test_cpu_backend_serves_fp32_and_fp64_only():
@@ -31,37 +38,44 @@ def inputs(n, c, h, w, dtype, generator):
 
 
 def value_grad_hvp(fn, tensors, upstream, directions):
-    """y, the gradients of <y, upstream> and the Hessian-vector product along `directions`."""
+    """y, the gradients of <y, upstream> and the Hessian-vector product along `directions`:
+    the gradient of <grads, directions> with respect to the inputs and to `upstream` (that one
+    is d grad_y of the double backward; a meta-gradient needs it where grad_y depends on later
+    layers' weights)."""
     tensors = [t.detach().requires_grad_() for t in tensors]
+    upstream = upstream.detach().to(tensors[0].dtype).requires_grad_()
     y = fn(*tensors)
-    grads = torch.autograd.grad(y, tensors, upstream.to(y.dtype), create_graph=True)
+    grads = torch.autograd.grad(y, tensors, upstream, create_graph=True)
     inner = sum((g * d.to(g.dtype)).sum() for g, d in zip(grads, directions))
-    hvps = torch.autograd.grad(inner, tensors, allow_unused=True)
-    hvps = [torch.zeros_like(t) if h is None else h for h, t in zip(hvps, tensors)]
+    hvps = torch.autograd.grad(inner, [*tensors, upstream], allow_unused=True)
+    hvps = [torch.zeros_like(t) if h is None else h for h, t in zip(hvps, [*tensors, upstream])]
     return [y, *grads, *hvps]
 
 
-def compare(x, weight, bias, groups, relu, pool, generator):
+def compare(x, weight, bias, groups, relu, pool, generator, backend="cpu", twin_sets_tolerance=True):
+    """Value, gradient and HVP of `backend` against the fp64 twin, within twice the error of
+    the twin in x's dtype (or, with twin_sets_tolerance=False, within the dtype's floor alone)."""
     dtype = x.dtype
 
     def fused(*t):
-        return bmssl.ops.group_norm(*t, groups, 1e-5, relu, pool, backend="cpu")
+        return bmssl.ops.group_norm(*t, groups, 1e-5, relu, pool, backend=backend)
 
     def twin(*t):
         return reference.group_norm(*t, groups, 1e-5, relu, pool)
 
     out_shape = twin(x, weight, bias).shape
-    upstream = torch.randn(out_shape, generator=generator, dtype=torch.float64)
-    directions = [torch.randn(t.shape, generator=generator, dtype=torch.float64) for t in (x, weight, bias)]
+    upstream = torch.randn(out_shape, generator=generator, dtype=torch.float64).to(x.device)
+    directions = [torch.randn(t.shape, generator=generator, dtype=torch.float64).to(x.device)
+                  for t in (x, weight, bias)]
     oracle = value_grad_hvp(twin, [t.double() for t in (x, weight, bias)], upstream, directions)
-    twin_low = value_grad_hvp(twin, [x, weight, bias], upstream, directions)
+    twin_low = value_grad_hvp(twin, [x, weight, bias], upstream, directions) if twin_sets_tolerance else oracle
     got = value_grad_hvp(fused, [x, weight, bias], upstream, directions)
-    names = ["y", "grad x", "grad weight", "grad bias", "hvp x", "hvp weight", "hvp bias"]
+    names = ["y", "grad x", "grad weight", "grad bias", "hvp x", "hvp weight", "hvp bias", "hvp grad_y"]
     # sums over a group of m values: an fp32 result carries m-fold rounding of its terms
     scale = float(x.shape[1] // groups * x.shape[2] * x.shape[3]) ** 0.5
     for name, g, o, t in zip(names, got, oracle, twin_low):
         assert g.dtype == dtype and g.shape == o.shape, name
-        assert_close_to_oracle(g, o, t, dtype, f"relu={relu} pool={pool} {name}", scale)
+        assert_close_to_oracle(g, o, t, dtype, f"{backend} relu={relu} pool={pool} {name}", scale)
 
 
 @given(n=st.integers(1, 3), group_channels=st.integers(1, 3), groups=st.sampled_from([1, 2, 4]),
@@ -92,35 +106,48 @@ def test_gradcheck_and_gradgradcheck(relu, pool):
     assert torch.autograd.gradgradcheck(fn, tensors)
 
 
-def test_non_contiguous_input():
+# (backend, dtype, assert_close tolerances): each backend in its most exact dtype
+EXACT = [("cpu", torch.float64, {})] + [("triton", torch.float32, dict(atol=1e-4, rtol=1e-4))] * TRITON_ON_CPU
+
+
+@pytest.mark.parametrize("backend,dtype,tolerance", EXACT)
+def test_non_contiguous_input(backend, dtype, tolerance):
     generator = torch.Generator().manual_seed(3)
-    x, weight, bias = inputs(3, 4, 6, 8, torch.float64, generator)
+    x, weight, bias = inputs(3, 4, 6, 8, dtype, generator)
     x_t = x.transpose(2, 3).contiguous().transpose(2, 3)
     assert not x_t.is_contiguous()
-    torch.testing.assert_close(bmssl.ops.group_norm(x_t, weight, bias, 2, relu=True, pool=True, backend="cpu"),
-                               reference.group_norm(x, weight, bias, 2, relu=True, pool=True))
+    torch.testing.assert_close(bmssl.ops.group_norm(x_t, weight, bias, 2, relu=True, pool=True, backend=backend),
+                               reference.group_norm(x, weight, bias, 2, relu=True, pool=True), **tolerance)
+
+
+def opcheck_ops(forward, backward, double_backward, relu, pool, device="cpu"):
+    """torch.library.opcheck of one backend's three raw ops on a small [1, 2, 4, 6, 5] input."""
+    generator = torch.Generator().manual_seed(4)
+    x, weight, bias = (t.to(device) for t in inputs(2, 4, 6, 5, torch.float32, generator))
+    x, weight, bias = x[None].requires_grad_(), weight[None].requires_grad_(), bias[None].requires_grad_()
+    torch.library.opcheck(forward, (x, weight, bias, 2, 1e-5, relu, pool))
+    y, stats = forward(x, weight, bias, 2, 1e-5, relu, pool)
+    grad_y = torch.randn_like(y).requires_grad_()
+    torch.library.opcheck(backward, (grad_y, x, weight, bias, stats, 2, relu, pool))
+    gg = (torch.randn_like(x), torch.randn_like(weight), torch.randn_like(bias))
+    torch.library.opcheck(double_backward,
+                          (*gg, grad_y.detach(), x.detach(), weight.detach(), bias.detach(), stats, 2, relu, pool))
 
 
 @pytest.mark.parametrize("relu,pool", [(False, False), (True, True)])
 def test_opcheck_raw_ops(relu, pool):
-    generator = torch.Generator().manual_seed(4)
-    x, weight, bias = inputs(2, 4, 6, 5, torch.float32, generator)
-    x, weight, bias = x[None].requires_grad_(), weight[None].requires_grad_(), bias[None].requires_grad_()
     ops = torch.ops.bmssl
-    torch.library.opcheck(ops.group_norm_forward.default, (x, weight, bias, 2, 1e-5, relu, pool))
-    y, stats = ops.group_norm_forward(x, weight, bias, 2, 1e-5, relu, pool)
-    grad_y = torch.randn_like(y).requires_grad_()
-    torch.library.opcheck(ops.group_norm_backward.default, (grad_y, x, weight, bias, stats, 2, relu, pool))
-    gg = (torch.randn_like(x), torch.randn_like(weight), torch.randn_like(bias))
-    torch.library.opcheck(ops.group_norm_double_backward.default,
-                          (*gg, grad_y.detach(), x.detach(), weight.detach(), bias.detach(), stats, 2, relu, pool))
+    opcheck_ops(ops.group_norm_forward.default, ops.group_norm_backward.default,
+                ops.group_norm_double_backward.default, relu, pool)
 
 
-def test_vmap_over_tasks_with_per_task_affine_equals_a_loop():
+@pytest.mark.parametrize("backend,dtype,tolerance", EXACT)
+def test_vmap_over_tasks_with_per_task_affine_equals_a_loop(backend, dtype, tolerance):
     """The engine's pattern: vmap over tasks of a grad and of a grad-of-grad, each task with its
     own affine (the inner loop's fast weights)."""
     generator = torch.Generator().manual_seed(5)
-    tasks = [inputs(3, 4, 6, 6, torch.float64, generator) for _ in range(3)]
+    count, batch = (3, 3) if backend == "cpu" else (2, 2)  # the Triton interpreter is slow
+    tasks = [inputs(batch, 4, 6, 6, dtype, generator) for _ in range(count)]
     xs, weights, biases = (torch.stack(column) for column in zip(*tasks))
 
     def loss(x, weight, bias, backend):
@@ -133,10 +160,10 @@ def test_vmap_over_tasks_with_per_task_affine_equals_a_loop():
 
     for fn in (loss, grad_norm):
         second = torch.func.grad(fn, argnums=(0, 1, 2))
-        batched = torch.func.vmap(second, in_dims=(0, 0, 0, None))(xs, weights, biases, "cpu")
+        batched = torch.func.vmap(second, in_dims=(0, 0, 0, None))(xs, weights, biases, backend)
         looped = [second(x, w, b, "torch") for x, w, b in tasks]
         for got, expected in zip(batched, zip(*looped)):
-            torch.testing.assert_close(got, torch.stack(expected))
+            torch.testing.assert_close(got, torch.stack(expected), **tolerance)
 
 
 def test_torch_compile_fullgraph():
@@ -164,12 +191,14 @@ def test_third_derivative_raises_clearly():
         torch.autograd.grad(hvp.sum(), x)
 
 
-def test_non_finite_input_or_overflowing_variance_gives_nan_not_a_finite_value():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy
+def test_non_finite_input_or_overflowing_variance_gives_nan_not_a_finite_value(backend):
     generator = torch.Generator().manual_seed(8)
     x, weight, bias = inputs(2, 4, 4, 4, torch.float32, generator)
     x[0, 0, 1, 1] = float("nan")
     x[1, 3, 0, 0] = 3e19  # (x - mean)^2 passes fp32's range: the variance overflows
-    y = bmssl.ops.group_norm(x, weight, bias, 2, relu=True, pool=True, backend="cpu")
+    y = bmssl.ops.group_norm(x, weight, bias, 2, relu=True, pool=True, backend=backend)
     assert y[0, :2].isnan().all() and y[1, 2:].isnan().all()  # the groups holding them
     assert y[0, 2:].isfinite().all() and y[1, :2].isfinite().all()  # the others are untouched
 
@@ -204,3 +233,93 @@ def test_explicit_cpu_backend_for_fp16_says_why():
     with pytest.raises(bmssl.ops.BackendUnavailableError, match="cpu kernels of group_norm take"):
         bmssl.ops.group_norm(x, torch.ones(4, dtype=torch.float16), torch.zeros(4, dtype=torch.float16), 2,
                              backend="cpu")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("relu,pool", [(False, True), (True, True)])
+def test_tied_windows_route_to_the_first_maximum(backend, relu, pool):
+    """Windows whose maximum repeats (x0 == x1 and x2 == x3, or all four equal) route the
+    gradient to the first, as max_pool2d does. Judged against the fp64 twin with the floor
+    alone: a twin that routed elsewhere in fp32 would widen its own tolerance."""
+    generator = torch.Generator().manual_seed(13)
+    x, weight, bias = inputs(2, 4, 3, 3, torch.float32, generator)
+    for tied in (x.repeat_interleave(2, 3), x.repeat_interleave(2, 2).repeat_interleave(2, 3)):
+        compare(tied, weight, bias, 2, relu, pool, generator, backend, twin_sets_tolerance=False)
+
+
+# ---- the Triton backend in its interpreter: small shapes, the interpreter is slow ----------
+
+@needs_triton_on_cpu
+def test_triton_backend_serves_fp16_bf16_fp32_but_not_fp64():
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        assert backends.input_reason("triton", SUPPORT, CPU, dtype) is None, backends.status()
+    with pytest.raises(bmssl.ops.BackendUnavailableError, match="triton kernels of group_norm take"):
+        x = torch.randn(2, 4, 4, 4, dtype=torch.float64)
+        bmssl.ops.group_norm(x, torch.ones(4, dtype=x.dtype), torch.zeros(4, dtype=x.dtype), 2, backend="triton")
+
+
+TRITON_SHAPES = [(2, 4, 5, 7, 2), (1, 3, 7, 4, 3), (3, 6, 4, 5, 1)]  # (n, c, h, w, groups): groups = C, 1
+
+
+@needs_triton_on_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])  # no tl.dot: bf16 is exact here
+@pytest.mark.parametrize("relu,pool", FLAGS)
+def test_triton_matches_twin(relu, pool, dtype):
+    generator = torch.Generator().manual_seed(11)
+    for n, c, h, w, groups in TRITON_SHAPES:
+        x, weight, bias = inputs(n, c, h, w, dtype, generator)
+        compare(x, weight, bias, groups, relu, pool, generator, backend="triton")
+
+
+@needs_triton_on_cpu
+@pytest.mark.parametrize("relu,pool", FLAGS)
+def test_triton_walks_a_plane_larger_than_its_block(relu, pool):
+    """A 33 x 35 plane > BLOCK = 1024: every loop takes two blocks, the last one partial."""
+    generator = torch.Generator().manual_seed(14)
+    x, weight, bias = inputs(1, 2, 33, 35, torch.float32, generator)
+    compare(x, weight, bias, 1, relu, pool, generator, backend="triton")
+
+
+@needs_triton_on_cpu
+@settings(max_examples=8)
+@given(n=st.integers(1, 2), group_channels=st.integers(1, 3), groups=st.sampled_from([1, 2]),
+       h=st.integers(2, 9), w=st.integers(2, 9), flags=st.sampled_from(FLAGS), seed=st.integers(0, 2**16))
+def test_triton_matches_twin_on_drawn_shapes(n, group_channels, groups, h, w, flags, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x, weight, bias = inputs(n, group_channels * groups, h, w, torch.float32, generator)
+    compare(x, weight, bias, groups, *flags, generator, backend="triton")
+
+
+@needs_triton_on_cpu
+@pytest.mark.parametrize("relu,pool", [(False, False), (True, True)])
+def test_opcheck_triton_ops(relu, pool):
+    ops = torch.ops.bmssl
+    opcheck_ops(ops.group_norm_forward_triton.default, ops.group_norm_backward_triton.default,
+                ops.group_norm_double_backward_triton.default, relu, pool)
+
+
+# ---- on a GPU: the compiled Triton kernels, bf16 included, and Conv4-sized layers ------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("relu,pool", FLAGS)
+def test_gpu_triton_matches_twin(relu, pool, dtype):
+    generator = torch.Generator().manual_seed(12)
+    for n, c, h, w, groups in [*TRITON_SHAPES, (5, 16, 21, 21, 8), (2, 32, 42, 42, 16), (2, 8, 84, 84, 4)]:
+        x, weight, bias = (t.cuda() for t in inputs(n, c, h, w, dtype, generator))
+        compare(x, weight, bias, groups, relu, pool, generator, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("relu,pool", [(False, False), (True, True)])
+def test_gpu_opcheck_triton_ops_and_non_finite_groups(relu, pool):
+    ops = torch.ops.bmssl
+    opcheck_ops(ops.group_norm_forward_triton.default, ops.group_norm_backward_triton.default,
+                ops.group_norm_double_backward_triton.default, relu, pool, device="cuda")
+    x = torch.randn(2, 4, 4, 4, device="cuda")
+    x[0, 0, 1, 1] = float("nan")
+    x[1, 3, 0, 0] = 3e19
+    y = bmssl.ops.group_norm(x, torch.ones(4, device="cuda"), torch.zeros(4, device="cuda"), 2, relu=relu,
+                             pool=pool, backend="triton")
+    assert y[0, :2].isnan().all() and y[1, 2:].isnan().all()
+    assert y[0, 2:].isfinite().all() and y[1, :2].isfinite().all()

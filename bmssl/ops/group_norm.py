@@ -7,15 +7,22 @@ the vmap rule folds a vmapped dim (the tasks of the meta-learner) into T. Unfuse
 order meta-gradient differentiates torch's composite GroupNorm backward: some twenty full-size
 temporaries per layer and step, where this op writes only its outputs. Twice differentiable; a
 third derivative is not implemented.
+
+Backends: "cpu", the C++ kernels (csrc/cpu/group_norm.cpp, fp32 / fp64), and "triton",
+bmssl::group_norm_*_triton (bmssl/triton/group_norm.py, fp16 / bf16 / fp32; on CPU tensors only
+in Triton's interpreter); both get the same fake kernels and autograd here. Everything else
+takes the twin (bmssl/reference/group_norm.py).
 """
 import torch
 
 from bmssl import _extension, backends, reference
+from bmssl import triton as bmssl_triton
 from bmssl.ops._vmap import fold_vmapped_dim
 from bmssl.validate import check_group_norm
 
-SUPPORT = backends.OpSupport(name="group_norm", backends=("cpu",),
-                             backend_dtypes=(("cpu", (torch.float32, torch.float64)),))
+SUPPORT = backends.OpSupport(name="group_norm", backends=("cpu", "triton"),
+                             backend_dtypes=(("cpu", (torch.float32, torch.float64)),
+                                             ("triton", (torch.float16, torch.bfloat16, torch.float32))))
 
 OPS = {}  # backend -> (forward, backward, double_backward)
 
@@ -73,6 +80,31 @@ if _extension.loaded():
     OPS["cpu"] = (torch.ops.bmssl.group_norm_forward.default, torch.ops.bmssl.group_norm_backward.default,
                   torch.ops.bmssl.group_norm_double_backward.default)
     _register_raw(*OPS["cpu"])
+
+if bmssl_triton.triton is not None:
+    from bmssl.triton import group_norm as _triton_kernels
+
+    @torch.library.custom_op("bmssl::group_norm_forward_triton", mutates_args=())
+    def group_norm_forward_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
+                                  eps: float, relu: bool, pool: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return _triton_kernels.forward(x, weight, bias, groups, eps, relu, pool)
+
+    @torch.library.custom_op("bmssl::group_norm_backward_triton", mutates_args=())
+    def group_norm_backward_triton(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                   stats: torch.Tensor, groups: int, relu: bool,
+                                   pool: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _triton_kernels.backward(grad_y, x, weight, bias, stats, groups, relu, pool)
+
+    @torch.library.custom_op("bmssl::group_norm_double_backward_triton", mutates_args=())
+    def group_norm_double_backward_triton(gg_x: torch.Tensor, gg_weight: torch.Tensor, gg_bias: torch.Tensor,
+                                          grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                          bias: torch.Tensor, stats: torch.Tensor, groups: int, relu: bool,
+                                          pool: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _triton_kernels.double_backward(gg_x, gg_weight, gg_bias, grad_y, x, weight, bias, stats, groups,
+                                               relu, pool)
+
+    OPS["triton"] = (group_norm_forward_triton, group_norm_backward_triton, group_norm_double_backward_triton)
+    _register_raw(*OPS["triton"])
 
 
 def _unfold(tensors, batch_size):
@@ -161,8 +193,9 @@ class GroupNormDoubleBackward(torch.autograd.Function):
 def group_norm(x, weight, bias, groups, eps=1e-5, relu=False, pool=False, backend=None):
     """GroupNorm of x [N, C, H, W] with `groups` groups and affine weight, bias [C] (biased
     variance, as F.group_norm), then ReLU if `relu`, then a 2x2 stride-2 max-pool (floor) if
-    `pool`. One fused op on the C++ backend (fp32/fp64, twice differentiable, vmap over tasks
-    with per-task affine); other inputs take the twin. backend: see bmssl.backends."""
+    `pool`. One fused op (twice differentiable, vmap over tasks with per-task affine) on the C++
+    CPU backend (fp32/fp64) and the Triton backend (fp16/bf16/fp32); other inputs take the twin.
+    backend: see bmssl.backends."""
     groups, eps = check_group_norm(x, weight, bias, groups, eps, pool)
     name = backends.choose(SUPPORT, x.device, x.dtype, backend)
     if name == "torch":

@@ -203,7 +203,7 @@ def main():
         setup_args = (config_name, inner, target, tasks, order, _method(args.method, target))
         try:
             timing, grads = run_provider(name, setup_args, args.repeats, device)
-        except RuntimeError as error:  # one failing point is reported and the sweep goes on
+        except Exception as error:  # a failing point (a child's error, a kernel that does not compile): say so, go on
             failed.append((name, _params(setup_args)))
             print(f"\n{name} {_params(setup_args)} failed:\n{error}", file=sys.stderr)
             continue

@@ -44,9 +44,9 @@ BACKBONES = ("conv4", "resnet12")
 class GroupNorm2d(nn.Module):
     """Per-sample GroupNorm: y = (x - mean_g) / sqrt(var_g + eps) * gamma_c + beta_c, with the
     mean and (biased) variance over the channels of group g and all pixels of one sample.
-    gcd(channels, 8) groups. Runs as bmssl.ops.group_norm: the fused C++ op (twice
-    differentiable, vmap over tasks) where it serves the input, else F.group_norm (the twin,
-    also what BMSSL_BACKEND=torch runs). `forward_relu_pool` is the Conv4 block's norm, ReLU
+    gcd(channels, 8) groups. Runs as bmssl.ops.group_norm: the fused C++ op on CPU (twice
+    differentiable, vmap over tasks), the Triton kernels with BMSSL_BACKEND=triton, else
+    F.group_norm (the twin; also auto's choice on CUDA until the Triton kernels have run on a GPU). `forward_relu_pool` is the Conv4 block's norm, ReLU
     and 2x2 max-pool as one op."""
 
     def __init__(self, channels: int, groups: int = 8, eps: float = 1e-5):

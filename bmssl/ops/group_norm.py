@@ -20,9 +20,12 @@ from bmssl import triton as bmssl_triton
 from bmssl.ops._vmap import fold_vmapped_dim
 from bmssl.validate import check_group_norm
 
+# auto leaves the Triton kernels out on CUDA until they have run on a GPU (so far they have run
+# only in the interpreter); backend="triton" or BMSSL_BACKEND=triton selects them.
 SUPPORT = backends.OpSupport(name="group_norm", backends=("cpu", "triton"),
                              backend_dtypes=(("cpu", (torch.float32, torch.float64)),
-                                             ("triton", (torch.float16, torch.bfloat16, torch.float32))))
+                                             ("triton", (torch.float16, torch.bfloat16, torch.float32))),
+                             auto_cuda=("torch",))
 
 OPS = {}  # backend -> (forward, backward, double_backward)
 

@@ -53,7 +53,9 @@ PROVIDERS = {
     "engine_fused_compiled": ("auto", {}),
 }
 CUDA_ONLY = ("engine_fused_graph", "engine_fused_compiled")
-DEFAULT_PROVIDERS = ("baseline", "engine_torch", "engine_fused", "engine_fused_vmap", "engine_fused_graph")
+# on CUDA task_batching="auto" is vmap, so (c') would repeat (c): (d) takes its place
+DEFAULT_PROVIDERS = {"cpu": ("baseline", "engine_torch", "engine_fused", "engine_fused_vmap"),
+                     "cuda": ("baseline", "engine_torch", "engine_fused", "engine_fused_graph")}
 MEMORY_PROVIDERS = ("baseline", "engine_fused", "engine_fused_checkpointed")
 
 
@@ -171,7 +173,8 @@ def main():
     parser.add_argument("--method", default="bmssl", choices=["bmssl", "metassl"],
                         help="bmssl points with --target-steps 0 run as metassl (no target at δ = 0)")
     parser.add_argument("--providers", nargs="+", choices=sorted(PROVIDERS), default=None,
-                        help=f"default: {' '.join(DEFAULT_PROVIDERS)} ({', '.join(CUDA_ONLY)}: CUDA only)")
+                        help=f"default: {DEFAULT_PROVIDERS['cpu']} on CPU, {DEFAULT_PROVIDERS['cuda']} on CUDA "
+                             f"({', '.join(CUDA_ONLY)}: CUDA only)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                         help="float64 checks that every provider computes the baseline's meta-gradient: in "
@@ -193,7 +196,7 @@ def main():
     os.environ[DTYPE_VAR] = args.dtype
     if args.memory_vs_steps:
         return memory_vs_steps(args)
-    providers = args.providers or [p for p in DEFAULT_PROVIDERS if p not in CUDA_ONLY or device.type == "cuda"]
+    providers = args.providers or list(DEFAULT_PROVIDERS["cuda" if device.type == "cuda" else "cpu"])
     if device.type != "cuda" and set(providers) & set(CUDA_ONLY):
         parser.error(f"{', '.join(sorted(set(providers) & set(CUDA_ONLY)))} run on CUDA only")
     env = common.environment(device)

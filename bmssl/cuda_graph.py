@@ -45,7 +45,7 @@ class CapturedMetaGradient:
     (grads dict, loss, aux dict of 0-dim tensors): the same as meta.meta_gradient except that
     aux stays on the GPU (reading it would wait for the step)."""
 
-    def __init__(self, model, theta, batch, config, warmup_steps=2):
+    def __init__(self, model, theta, batch, config, batched=None, warmup_steps=2):
         tensors = {**{f"theta[{n!r}]": v for n, v in theta.items()},
                    **{name: getattr(batch, name, None) for name in IMAGES + LABELS}}
         not_cuda = [name for name, t in tensors.items() if not (isinstance(t, torch.Tensor) and t.is_cuda)]
@@ -62,7 +62,7 @@ class CapturedMetaGradient:
         self._batch = _StaticBatch(*(getattr(batch, name).detach().clone() for name in _StaticBatch._fields))
 
         def step():
-            return meta_gradient_tensors(model, self._theta, self._batch, config, shape=self.shape)
+            return meta_gradient_tensors(model, self._theta, self._batch, config, batched, shape=self.shape)
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -82,14 +82,21 @@ class CapturedMetaGradient:
         for name in IMAGES:
             self._copy_into(getattr(self._batch, name), getattr(batch, name), name)
         for name in LABELS:
-            labels = getattr(batch, name)
-            if not (isinstance(labels, torch.Tensor) and labels.shape == getattr(self._batch, name).shape
-                    and torch.equal(labels.to(getattr(self._batch, name)), getattr(self._batch, name))):
+            if not _same_labels(getattr(batch, name), getattr(self._batch, name)):
                 raise ValueError(f"{name} differ from the captured step's: the graph replays that task layout "
                                  "(capture a new CapturedMetaGradient for another)")
         self.graph.replay()
         grads = {name: grad.clone() for name, grad in self._grads.items()}
         return grads, self._loss.clone(), {name: value.clone() for name, value in self._aux.items()}
+
+    def replays(self, batch) -> bool:
+        """Whether this graph can replay `batch`: the captured image shapes, dtypes and devices,
+        and the captured labels (read on the host)."""
+        return (all(isinstance(getattr(batch, n, None), torch.Tensor)
+                    and (getattr(batch, n).shape, getattr(batch, n).dtype, getattr(batch, n).device)
+                    == (getattr(self._batch, n).shape, getattr(self._batch, n).dtype, getattr(self._batch, n).device)
+                    for n in IMAGES)
+                and all(_same_labels(getattr(batch, n, None), getattr(self._batch, n)) for n in LABELS))
 
     @staticmethod
     def _copy_into(static, value, name):
@@ -99,3 +106,8 @@ class CapturedMetaGradient:
         if value.dtype != static.dtype:
             raise ValueError(f"{name} is {value.dtype}, the captured step has {static.dtype}")
         static.copy_(value.detach())
+
+
+def _same_labels(labels, captured) -> bool:
+    return (isinstance(labels, torch.Tensor) and labels.shape == captured.shape
+            and torch.equal(labels.to(captured), captured))

@@ -57,7 +57,7 @@ TARGET_DATA = ("support", "support+query")
 SCHEDULES = ("cosine", "constant")
 TASK_BATCHING = ("auto", "vmap", "loop")
 # MetaConfig fields that choose how the maths runs, not what it computes
-EXECUTION_FIELDS = ("task_batching", "checkpoint_inner_steps")
+EXECUTION_FIELDS = ("task_batching", "checkpoint_inner_steps", "cuda_graph")
 VARIANTS = ("in", "out")
 
 
@@ -92,6 +92,7 @@ class MetaConfig:
     # how the maths runs (never what it computes; may differ when a state is loaded)
     task_batching: str = "auto"        # "vmap" | "loop" | "auto": vmap on CUDA, loop on CPU
     checkpoint_inner_steps: bool = False  # order 2: recompute each inner step in the backward
+    cuda_graph: bool = False           # CUDA: capture the outer step as a CUDA graph, replay it (bmssl.cuda_graph)
 
     def __post_init__(self):
         self.validate()
@@ -107,6 +108,11 @@ class MetaConfig:
         _choice("task_batching", self.task_batching, TASK_BATCHING)
         if not isinstance(self.checkpoint_inner_steps, bool):
             raise ValueError(f"checkpoint_inner_steps must be True or False, got {self.checkpoint_inner_steps!r}")
+        if not isinstance(self.cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be True or False, got {self.cuda_graph!r}")
+        if self.cuda_graph and self.checkpoint_inner_steps:
+            raise ValueError("cuda_graph and checkpoint_inner_steps do not combine: the capture would hold "
+                             "every recomputed step anyway; choose one")
         if self.checkpoint_inner_steps and self.task_batching == "vmap":
             raise ValueError("checkpoint_inner_steps runs each task's inner loop under torch.utils.checkpoint, "
                              "which torch.func.vmap cannot trace: use task_batching='loop' or 'auto'")
@@ -502,6 +508,7 @@ class MetaLearner:
         self.steps_done = 0
         self.gradient_hook = None
         self.simclr_ntxent = None
+        self._captured = None  # config.cuda_graph: the CapturedMetaGradient of the last capture
 
     @property
     def theta(self) -> dict:
@@ -520,9 +527,22 @@ class MetaLearner:
         return _Batch(**fields)
 
     def meta_gradient(self, batch, batched=None):
-        """(grads, loss, aux) at the current θ, without updating anything."""
-        theta = detached(self.model.meta_parameters())
-        return meta_gradient(self.model, theta, self._prepare(batch), self.config, batched, self.simclr_ntxent)
+        """(grads, loss, aux) at the current θ, without updating anything. With config.cuda_graph
+        the step is captured on first use (and again when the batch's shapes or task layout
+        change) and replayed."""
+        theta, batch = detached(self.model.meta_parameters()), self._prepare(batch)
+        if not self.config.cuda_graph:
+            return meta_gradient(self.model, theta, batch, self.config, batched, self.simclr_ntxent)
+        if self.simclr_ntxent is not None:
+            raise ValueError("cuda_graph does not capture the all-gather of the distributed NT-Xent "
+                             "(simclr under torchrun): run it without cuda_graph")
+        from bmssl.cuda_graph import CapturedMetaGradient
+
+        if self._captured is None or not self._captured.replays(batch):
+            self._captured = None  # free the old graph's memory before capturing the new one
+            self._captured = CapturedMetaGradient(self.model, theta, batch, self.config, batched)
+        grads, loss, aux = self._captured(theta, batch)
+        return grads, loss, {name: value.item() for name, value in aux.items()}
 
     def step(self, batch) -> dict:
         """One outer step on a task batch. Returns floats: outer_loss, grad_norm, lr, time, step,

@@ -120,6 +120,7 @@ class TrainConfig:
     threads: int | None = None
     task_batching: str = "auto"          # vmap | loop | auto (vmap on CUDA, loop on CPU)
     checkpoint_inner_steps: bool = False # recompute inner steps in the backward (memory flat in L)
+    cuda_graph: bool = False             # CUDA: capture each outer step as a CUDA graph and replay it
     checkpoint_every: int = 100
     stop_after: int | None = None
     log_every: int = 10
@@ -221,7 +222,8 @@ class TrainConfig:
             warmup_steps=self.warmup_steps,
             total_steps=self.schedule_steps or max(self.steps, self.warmup_steps, 1),
             min_lr_ratio=self.min_lr_ratio, clip_grad_norm=self.clip_grad_norm, seed=self.seed,
-            task_batching=self.task_batching, checkpoint_inner_steps=self.checkpoint_inner_steps)
+            task_batching=self.task_batching, checkpoint_inner_steps=self.checkpoint_inner_steps,
+            cuda_graph=self.cuda_graph)
 
     def to_dict(self) -> dict:
         """Plain types only (tuples as lists), as stored in checkpoints and results.json."""
@@ -237,7 +239,8 @@ class TrainConfig:
 
 
 # Fields that may differ on --resume: where and how long to run, and what to evaluate.
-RUN_CONTROL = ("steps", "device", "threads", "task_batching", "checkpoint_inner_steps", "checkpoint_every",
+RUN_CONTROL = ("steps", "device", "threads", "task_batching", "checkpoint_inner_steps", "cuda_graph",
+               "checkpoint_every",
                "stop_after", "log_every", "progress", "eval",
                "eval_data", "eval_settings", "episodes", "protocols", "queries", "eval_batch", "eval_seed",
                "finetune_steps", "finetune_lr")
@@ -504,6 +507,9 @@ class Run:
         self.config, self.run_dir, self.world = config, Path(run_dir), world
         self.data = resolve_data(config, show_progress=show_data_progress and world.is_main)
         self.device = resolve_device(config.device, world.local_rank)
+        if config.cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"{flag('cuda_graph')} captures CUDA graphs: it needs a CUDA device, and this run "
+                             f"is on {self.device}")
         self.dtype = DTYPES[config.dtype]
         self.image_shape = (self.data.train.channels, *self.data.train.image_size)
         self.pool = self.data.train.float(self.device, self.dtype)
@@ -769,6 +775,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "on CPU, where it measured faster)", choices=TASK_BATCHING)
     add(run, "checkpoint_inner_steps", "order 2: recompute each inner step in the backward instead of keeping "
         "its activations (memory flat in L; 35%% more time at L = 8, measured; needs the loop over tasks)",
+        action=argparse.BooleanOptionalAction)
+    add(run, "cuda_graph", "on CUDA: capture the whole outer step (forward and every backward) as a CUDA graph "
+        "once and replay it each step (static shapes; not with --checkpoint-inner-steps)",
         action=argparse.BooleanOptionalAction)
     add(run, "checkpoint_every", "write checkpoint.pt and results.json every this many steps", type=int)
     add(run, "log_every", "without a terminal, print a progress line every this many steps", type=int)

@@ -6,13 +6,16 @@ skip their value reads while a capture runs; CPU tensors get a clear error. On a
 marker): the replayed meta-gradient equals the eager one, on the captured inputs and on new θ
 and images copied in, and a changed task layout is refused."""
 import contextlib
+import copy
+import dataclasses
 
 import pytest
 import torch
 
 from bmssl import validate
 from bmssl.cuda_graph import CapturedMetaGradient
-from bmssl.meta import check_task_batch, detached, meta_gradient, meta_gradient_tensors
+from bmssl.meta import (EXECUTION_FIELDS, MetaConfig, MetaLearner, check_task_batch, detached, meta_gradient,
+                        meta_gradient_tensors)
 from test_unroll import tiny_problem
 
 VALUE_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero")
@@ -81,6 +84,21 @@ def test_cpu_tensors_are_refused_with_a_clear_error():
         CapturedMetaGradient(model, detached(theta), batch, config)
 
 
+def test_meta_config_checks_cuda_graph():
+    with pytest.raises(ValueError, match="cuda_graph must be True or False"):
+        MetaConfig(cuda_graph="yes")
+    with pytest.raises(ValueError, match="cuda_graph and checkpoint_inner_steps do not combine"):
+        MetaConfig(cuda_graph=True, checkpoint_inner_steps=True)
+    assert "cuda_graph" in EXECUTION_FIELDS  # how the step runs, not what it computes
+
+
+def test_a_learner_with_cuda_graph_on_cpu_says_it_needs_cuda():
+    model, theta, batch, config = tiny_problem("bmssl", 2, 1, 1)
+    learner = MetaLearner(dataclasses.replace(config, cuda_graph=True), model.backbone)
+    with pytest.raises(ValueError, match="every tensor must be on a CUDA device"):
+        learner.step(batch)
+
+
 def cuda_problem(method, dtype):
     model, theta, batch, config = tiny_problem(method, 2, 2, 2 if method == "bmssl" else 0)
     device = torch.device("cuda")
@@ -111,6 +129,26 @@ def test_replay_equals_the_eager_meta_gradient(method, dtype, tolerance):
         torch.testing.assert_close(loss, expected_loss, rtol=tolerance, atol=tolerance)
         for name in expected:
             torch.testing.assert_close(grads[name], expected[name], rtol=tolerance, atol=tolerance, msg=name)
+
+
+@pytest.mark.gpu
+def test_learner_steps_with_cuda_graph_equal_eager_steps():
+    """Three outer steps (Adam updates between them), then a batch with another task layout,
+    which is captured anew: the same losses and gradient norms as the eager learner's."""
+    model, _, batch, config = tiny_problem("bmssl", 2, 2, 2)
+    flipped = type(batch)(batch.support.flip(1), batch.support_labels.flip(-1), batch.query, batch.query_labels,
+                          batch.image_index)
+    runs = {}
+    for cuda_graph in (False, True):
+        learner = MetaLearner(dataclasses.replace(config, cuda_graph=cuda_graph), copy.deepcopy(model.backbone))
+        learner.model.to("cuda", torch.float64)
+        runs[cuda_graph] = [learner.step(batch) for _ in range(3)]
+        captured = learner._captured
+        runs[cuda_graph].append(learner.step(flipped))
+        assert (learner._captured is not captured) == cuda_graph  # recaptured for the new layout
+    for eager, replayed in zip(runs[False], runs[True]):
+        assert replayed["outer_loss"] == pytest.approx(eager["outer_loss"], rel=1e-9)
+        assert replayed["grad_norm"] == pytest.approx(eager["grad_norm"], rel=1e-9)
 
 
 @pytest.mark.gpu

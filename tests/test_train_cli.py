@@ -174,6 +174,7 @@ def test_a_missing_data_path_names_the_path_and_the_fix(tmp_path, capsys, monkey
     (["--contrastive-views", "support"], "--contrastive-views support needs --support-views >= 2"),
     (["-N", 400], "exceeds the 96 training images"),
     (["--eval", "--eval-settings", "9w1s"], "--eval-settings 9w1s on the test set"),
+    (["--cuda-graph", "--device", "cpu"], "--cuda-graph captures CUDA graphs: it needs a CUDA device"),
 ])
 def test_bad_flag_values_error_clearly(folder, tmp_path, capsys, flags, message):
     status, _, err = bmssl("train", "--data", folder, *TINY, *flags, "--out", tmp_path / "run", capsys=capsys)

@@ -1,0 +1,103 @@
+"""The unroll sweep (bench/bench_unroll.py's CSV) as a markdown table and a speed-up plot.
+
+One row per (config, L, δ, K): seconds per outer step of each provider, each provider's speed-up
+over (a) the baseline, outer steps/s of the fused engine and the peak memory of (c) against (a).
+The plot draws (a)'s time over (c)'s against δ, one line per (L, K).
+
+    python bench/unroll_table.py bench/results/cpu/unroll_omniglot_sweep.csv   # writes .md and _speedup.png
+"""
+import argparse
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+
+BASELINE, FUSED = "baseline", "engine_fused"
+
+
+def read(path):
+    """{(config, L, delta, K, method, order, dtype): {provider: {metric: value}}} and the first row."""
+    table, first = defaultdict(lambda: defaultdict(dict)), None
+    with open(path) as handle:
+        for row in csv.DictReader(handle):
+            first = first or row
+            p = json.loads(row["params"])
+            key = (p["config"], p["L"], p["delta"], p["K"], p["method"], p["order"], p.get("dtype", "float32"))
+            table[key][row["provider"]][row["metric"]] = float(row["value"])
+    if first is None:
+        raise SystemExit(f"{path} has no rows")
+    return table, first
+
+
+def markdown(table, first):
+    providers = sorted({name for cell in table.values() for name in cell}, key=_provider_order)
+    others = [p for p in providers if p != BASELINE]
+    head = (["config", "L", "δ", "K", "method"] + [f"{p} s" for p in providers] + [f"{p} vs (a)" for p in others]
+            + [f"{FUSED} steps/s", f"{FUSED} peak vs (a)"])
+    lines = [f"Unroll sweep on {first['device']} (torch {first['torch']}, commit {first['commit']}): seconds per "
+             "outer step (median), speed-up over (a), and the fused engine's outer steps/s and peak memory.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in sorted(table):
+        cell = table[key]
+        base = cell.get(BASELINE, {}).get("median_ms")
+        fused = cell.get(FUSED, {})
+        values = [key[0], key[1], key[2], key[3], key[4]]
+        values += [_fmt(cell[p]["median_ms"] / 1e3, "{:.2f}") if "median_ms" in cell.get(p, {}) else "–"
+                   for p in providers]
+        values += [_fmt(base / cell[p]["median_ms"], "{:.2f}×") if base and "median_ms" in cell.get(p, {}) else "–"
+                   for p in others]
+        values.append(_fmt(1e3 / fused["median_ms"], "{:.2f}") if "median_ms" in fused else "–")
+        base_peak = cell.get(BASELINE, {}).get("peak_bytes")
+        values.append(_fmt(fused["peak_bytes"] / base_peak, "{:.0%}") if base_peak and "peak_bytes" in fused else "–")
+        lines.append("| " + " | ".join(map(str, values)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table, first, out):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = defaultdict(list)
+    for (config, inner, delta, tasks, _method, _order, _dtype), cell in table.items():
+        if "median_ms" in cell.get(BASELINE, {}) and "median_ms" in cell.get(FUSED, {}):
+            series[(config, inner, tasks)].append((delta, cell[BASELINE]["median_ms"] / cell[FUSED]["median_ms"]))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for (config, inner, tasks), points in sorted(series.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{config} L={inner} K={tasks}")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xlabel("δ (target steps; δ = 0 is MetaSSL)")
+    ax.set_ylabel("(a) time / (c) time: fused engine's speed-up")
+    ax.set_title(f"unroll on {first['device']} (torch {first['torch']}, {first['commit']})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def _provider_order(name):
+    order = ["baseline", "engine_torch", "engine_fused", "engine_fused_vmap", "engine_fused_checkpointed",
+             "engine_fused_graph", "engine_fused_compiled"]
+    return order.index(name) if name in order else len(order)
+
+
+def _fmt(value, pattern):
+    return pattern.format(value)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("csv")
+    args = parser.parse_args()
+    path = Path(args.csv)
+    table, first = read(path)
+    text = markdown(table, first)
+    path.with_suffix(".md").write_text(text)
+    print(text)
+    plot(table, first, path.with_name(path.stem + "_speedup.png"))
+    print(f"wrote {path.with_suffix('.md')} and {path.with_name(path.stem + '_speedup.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -4,7 +4,7 @@ One row per (config, L, δ, K): seconds per outer step of each provider, each pr
 over (a) the baseline, outer steps/s of the fused engine and the peak memory of (c) against (a).
 The plot draws (a)'s time over (c)'s against δ, one line per (L, K).
 
-    python bench/unroll_table.py bench/results/cpu/unroll_omniglot_sweep.csv   # writes .md and _speedup.png
+    python bench/unroll_table.py bench/results/cpu/unroll_sweep_28px.csv   # writes .md and _speedup.png
 """
 import argparse
 import csv

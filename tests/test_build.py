@@ -85,7 +85,7 @@ def test_cuda_bindings_compile_against_torch_headers(binding, tmp_path):
     stub = tmp_path / "c10" / "cuda" / "impl"
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-    command = ["g++", "-std=c++17", "-fsyntax-only", *[f"-I{p}" for p in include_paths()],
+    command = ["g++", *[f for f in FLAGS["cxx"] if f.startswith("-std=")], "-fsyntax-only", *[f"-I{p}" for p in include_paths()],
                f"-I{tmp_path}", f"-I{CUDA_INCLUDE}", "-DBMSSL_WITH_CUDA", str(binding)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -39,6 +39,20 @@ if bmssl_triton.triton is not None:
     STEP_OPS["triton"] = sgd_unroll_step_triton
 
 
+def _setup_raw(ctx, inputs, output):
+    ctx.lr = inputs[2]
+
+
+def _backward_raw(ctx, grad_outs):
+    """The raw ops are differentiable too (torch.ops.bmssl.sgd_unroll_step called directly):
+    d params = d out, d grads = -lr d out; written in torch ops, so it has its own backward."""
+    return list(grad_outs), [-ctx.lr * g for g in grad_outs], None
+
+
+for _op in {id(op): op for op in STEP_OPS.values()}.values():
+    torch.library.register_autograd(_op, _backward_raw, setup_context=_setup_raw)
+
+
 class SGDStep(torch.autograd.Function):
     """apply(lr, backend, *params, *grads) -> tuple of updated params."""
 

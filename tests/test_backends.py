@@ -63,3 +63,33 @@ def test_backend_results_agree():
     results = [bmssl.kl_bootstrap(student, target, 0.7, backend=b) for b in bmssl.ops.available()]
     for result in results[1:]:
         torch.testing.assert_close(result, results[0])
+
+
+def test_every_registered_op_has_an_autograd_kernel():
+    """Each torch.ops.bmssl op either differentiates or refuses by name: none is left to torch's
+    autograd fallback (a warning, and wrong errors under create_graph)."""
+    names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("bmssl::")]
+    assert len(names) >= 10, names
+    missing = [n for n in names if n != "bmssl::build_info"
+               and not torch._C._dispatch_has_kernel_for_dispatch_key(n, "Autograd")]
+    assert missing == []
+
+
+def test_raw_ntxent_op_second_order_under_create_graph_then_refuses_a_third():
+    import torch.nn.functional as F
+
+    from bmssl import reference
+
+    u = F.normalize(torch.randn(1, 8, 4, dtype=torch.float64), dim=-1).requires_grad_()
+    labels = torch.arange(4).repeat(2)
+
+    def second(loss_fn):
+        g, = torch.autograd.grad(loss_fn(u), u, create_graph=True)
+        gg, = torch.autograd.grad((g ** 2).sum(), u, create_graph=True)
+        return gg
+
+    got = second(lambda x: torch.ops.bmssl.ntxent_forward(x, labels[None], 2.0, "in")[0].sum())
+    expected = second(lambda x: reference.ntxent(x[0], labels, 0.5, "in", normalize=False))
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(NotImplementedError, match="third derivative of ntxent"):
+        torch.autograd.grad((got ** 2).sum(), u)

@@ -59,6 +59,21 @@ def test_rect_gradcheck_and_opcheck():
     torch.library.opcheck(torch.ops.bmssl.ntxent_rect_forward.default, (u[3:6], u, labels[3:6], labels, 3, 2.0, "in"))
 
 
+def test_rect_raw_op_is_differentiable():
+    """torch.ops.bmssl.ntxent_rect_forward called directly has the backward registered: gradcheck
+    on the raw op, and no 'autograd kernel was not registered' warning."""
+    import warnings
+
+    u_cols = F.normalize(torch.randn(9, 4, dtype=torch.float64), dim=-1).requires_grad_()
+    u_rows = u_cols.detach()[3:6].clone().requires_grad_()
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.autograd.gradcheck(
+            lambda r, c: torch.ops.bmssl.ntxent_rect_forward(r, c, labels[3:6], labels, 3, 2.0, "out")[0],
+            (u_rows, u_cols))
+
+
 @pytest.mark.parametrize("args, message", [
     ((torch.randn(3, 4), torch.randn(6, 5), torch.zeros(3, dtype=torch.long), torch.zeros(6, dtype=torch.long), 0), "share d"),
     ((torch.randn(3, 4), torch.randn(6, 4), torch.zeros(3, dtype=torch.long), torch.zeros(6, dtype=torch.long), 4), "row_offset"),

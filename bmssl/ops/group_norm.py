@@ -17,6 +17,7 @@ import torch
 
 from bmssl import _extension, backends, reference
 from bmssl import triton as bmssl_triton
+from bmssl.ops._autograd import register_no_derivative
 from bmssl.ops._vmap import fold_vmapped_dim
 from bmssl.validate import check_group_norm
 
@@ -73,6 +74,7 @@ def _register_raw(forward, backward, double_backward):
     torch.library.register_fake(double_backward)(_fake_double_backward)
     torch.library.register_autograd(forward, backward_forward, setup_context=setup_forward)
     torch.library.register_autograd(backward, backward_backward, setup_context=setup_backward)
+    register_no_derivative(double_backward, "the third derivative of group_norm (its double backward is the last)")
 
 
 def _materialize(grads, likes):

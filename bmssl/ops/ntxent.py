@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from bmssl import _extension, backends, reference
 from bmssl import triton as bmssl_triton
+from bmssl.ops._autograd import register_no_derivative
 from bmssl.ops._vmap import fold_vmapped_dim
 from bmssl.reference.kl_bootstrap import accumulation_dtype
 from bmssl.validate import check_ntxent, check_ntxent_rect
@@ -67,6 +68,7 @@ def _register_raw(forward, backward, double_backward):
     torch.library.register_fake(double_backward)(_fake_double_backward)
     torch.library.register_autograd(forward, backward_forward, setup_context=setup_forward)
     torch.library.register_autograd(backward, backward_backward, setup_context=setup_backward)
+    register_no_derivative(double_backward, "the third derivative of ntxent (its double backward is the last)")
 
 
 if _extension.loaded():
@@ -115,6 +117,26 @@ class NTXentRect(torch.autograd.Function):
         grad_rows, grad_cols = RECT_OPS[backend][1](grad_loss, u_rows, u_cols, labels_rows, labels_cols,
                                                     stats, row_offset, inv_tau, variant)
         return grad_rows, grad_cols, None, None, None, None, None, None
+
+
+def _setup_rect_raw(ctx, inputs, output):
+    u_rows, u_cols, labels_rows, labels_cols, row_offset, inv_tau, variant = inputs
+    ctx.save_for_backward(u_rows, u_cols, labels_rows, labels_cols, output[1])
+    ctx.args = (row_offset, inv_tau, variant)
+
+
+def _backward_rect_raw(ctx, grad_loss, _grad_stats):
+    """The raw forward op (torch.ops.bmssl.ntxent_rect_forward called directly) differentiates
+    too, once, as NTXentRect does."""
+    u_rows, u_cols, labels_rows, labels_cols, stats = ctx.saved_tensors
+    grad_rows, grad_cols = torch.ops.bmssl.ntxent_rect_backward(grad_loss, u_rows, u_cols, labels_rows,
+                                                                labels_cols, stats, *ctx.args)
+    return grad_rows, grad_cols, None, None, None, None, None
+
+
+if "cpu" in RECT_OPS:
+    torch.library.register_autograd(RECT_OPS["cpu"][0], _backward_rect_raw, setup_context=_setup_rect_raw)
+    register_no_derivative(RECT_OPS["cpu"][1], "the second derivative of ntxent_rect (it is once differentiable)")
 
 
 def ntxent_rect(z_rows, z_cols, labels_rows, labels_cols, row_offset, temperature=0.1, variant="in",

@@ -323,3 +323,16 @@ def test_gpu_cuda_raw_op_rejects_bad_labels():
         torch.ops.bmssl.ntxent_forward(u, torch.tensor([[0, 0, 9, 9]], device="cuda"), 1.0, "in")
     with pytest.raises(RuntimeError, match=r"anchor 2 of task 0 \(label 1\) has no positive"):
         torch.ops.bmssl.ntxent_forward(u, torch.tensor([[0, 0, 1, 2]], device="cuda"), 1.0, "in")
+
+
+def test_triton_refuses_d_past_its_tile_and_auto_moves_on():
+    from bmssl.triton.ntxent import MAX_DIM
+
+    z, labels = torch.randn(8, MAX_DIM + 1), torch.arange(4).repeat(2)
+    if "triton" in CPU_BACKENDS:
+        with pytest.raises(bmssl.ops.BackendUnavailableError, match=f"d <= {MAX_DIM}, got d = {MAX_DIM + 1}"):
+            bmssl.ntxent(z, labels, 0.5, backend="triton")
+        small = torch.randn(8, MAX_DIM)
+        torch.testing.assert_close(bmssl.ntxent(small, labels, 0.5, backend="triton"),
+                                   bmssl.ntxent(small, labels, 0.5, backend="torch"))
+    torch.testing.assert_close(bmssl.ntxent(z, labels, 0.5), bmssl.ntxent(z, labels, 0.5, backend="torch"))

@@ -260,6 +260,27 @@ class NTXentDoubleBackward(torch.autograd.Function):
                 (0, 0))
 
 
+def _within_triton_dim(name, z, backend):
+    """The Triton kernels hold a row's d columns in one tile, up to bmssl.triton.ntxent.MAX_DIM:
+    past it, backend="triton" is refused and auto takes the next backend in its order."""
+    dim, device, dtype = z.shape[-1], z.device, z.dtype
+    if name != "triton" or dim <= _triton_max_dim():
+        return name
+    if backends.requested(backend) == "triton":
+        raise backends.BackendUnavailableError(
+            f"the triton kernels of ntxent take d <= {_triton_max_dim()}, got d = {dim}; the cuda, cpu "
+            "and torch backends take any d")
+    order = SUPPORT.auto_cuda if device.type == "cuda" else SUPPORT.auto_cpu
+    later = order[order.index("triton") + 1:] if "triton" in order else ()
+    return next((b for b in later if backends.input_reason(b, SUPPORT, device, dtype) is None), "torch")
+
+
+def _triton_max_dim():
+    from bmssl.triton.ntxent import MAX_DIM
+
+    return MAX_DIM
+
+
 def ntxent(z, labels, temperature=0.1, variant="in", normalize=True, backend=None):
     """Multi-view NT-Xent. z: [B, d] or [T, B, d] embeddings (fp16/bf16/fp32/fp64).
     labels: [B] or [T, B] integers in [0, B); every label must occur at least twice.
@@ -267,7 +288,7 @@ def ntxent(z, labels, temperature=0.1, variant="in", normalize=True, backend=Non
     first. Returns the mean over anchors (and tasks) in z's dtype, accumulated in fp32 (fp64 for
     fp64). backend: see bmssl.backends (default: BMSSL_BACKEND or "auto")."""
     temperature = check_ntxent(z, labels, temperature, variant)
-    name = backends.choose(SUPPORT, z.device, z.dtype, backend)
+    name = _within_triton_dim(backends.choose(SUPPORT, z.device, z.dtype, backend), z, backend)
     if name == "torch":
         return reference.ntxent(z, labels, temperature, variant, normalize)
     tasks_z = z if z.dim() == 3 else z.unsqueeze(0)

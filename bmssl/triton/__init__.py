@@ -6,7 +6,8 @@ The interpreter must be switched on before triton is first imported, because tri
 library functions are jitted at import. So on a machine with no CUDA device, if triton has not
 been imported yet, bmssl sets TRITON_INTERPRET=1 itself. Without a GPU no Triton kernel could run
 any other way, so this changes nothing that worked before. On a GPU machine, TRITON_INTERPRET=1
-set by the user still forces the interpreter.
+set by the user still forces the interpreter. BMSSL_TRITON_AOT=1 (set by bmssl.triton.aot for
+its own process) leaves the interpreter off: the kernels are compiled for a GPU target, not run.
 """
 import os
 import sys
@@ -19,7 +20,12 @@ def _interpret_env() -> bool:
 
 
 _SETUP_ERROR = None
-if not torch.cuda.is_available() and not _interpret_env():
+COMPILE_ONLY = os.environ.get("BMSSL_TRITON_AOT", "").strip() == "1"  # python -m bmssl.triton.aot
+if COMPILE_ONLY:
+    os.environ.pop("TRITON_INTERPRET", None)
+    _SETUP_ERROR = ("BMSSL_TRITON_AOT=1: this process compiles the Triton kernels for a GPU target "
+                    "(bmssl.triton.aot) and runs none")
+elif not torch.cuda.is_available() and not _interpret_env():
     if "triton" in sys.modules:
         _SETUP_ERROR = ("there is no CUDA device, and triton was imported before bmssl without "
                         "TRITON_INTERPRET=1, so its interpreter cannot run; set TRITON_INTERPRET=1 "

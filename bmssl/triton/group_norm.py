@@ -122,13 +122,15 @@ if triton is not None:
         # output is NaN, never a finite, meaningless value
         finite = (tl.abs(mean) < float("inf")) & (rstd > 0.0) & (rstd < float("inf"))
         for k in range(0, group_channels):
-            _, _, scale, shift, x_plane, y_plane = _channel(x_ptr, y_ptr, w_ptr, b_ptr, group, k, group_channels,
-                                                            first_weight, plane, out_plane, mean, rstd)
+            # distinct names, not `_`: Triton's compiler (not its interpreter) rejects a loop
+            # variable that changes type, and `_` is fp32 here and int64 in the pooling loop
+            _channel_index, _w, scale, shift, x_plane, y_plane = _channel(
+                x_ptr, y_ptr, w_ptr, b_ptr, group, k, group_channels, first_weight, plane, out_plane, mean, rstd)
             for start in range(0, out_plane, BLOCK):
                 out = start + lanes
                 mask = out < out_plane
                 if POOL:
-                    _, arg, best = _window(x_plane, out, mask, width, out_w, scale, shift, RELU)
+                    _a0, arg, best = _window(x_plane, out, mask, width, out_w, scale, shift, RELU)
                     y = tl.where(arg >= 0, best, 0.0)
                 else:
                     y = tl.fma(tl.load(x_plane + out, mask=mask, other=0.0).to(tl.float32), scale, shift)

@@ -203,18 +203,43 @@ if triton is not None:
                  mask=(rows < batch)[:, None] & (d_offs < dim)[None, :])
 
 
-MAX_DIM = 1024  # a program holds BLOCK_D >= d columns of its rows
+# GPU tiles per kernel: (BLOCK_D limit, BLOCK_M = BLOCK_N, num_warps, num_stages), the first row
+# whose limit holds d. Chosen with python -m bmssl.triton.aot (ptxas for sm_80 and sm_90, no GPU
+# needed): the largest tile that spills no register on either architecture and fits sm_80's
+# shared memory (163 KiB). Not yet timed on a GPU. The backward kernels keep a [BLOCK_M, BLOCK_D]
+# fp32 accumulator and several [BLOCK_M, BLOCK_N] fp32 tiles (p_ij, p_ji, q_ij, q_ji, G, H: the
+# second double-backward pass holds them all), so they take smaller tiles than the forward;
+# fp32's exact (IEEE) dots run on FMA units and need more registers than fp16/bf16's.
+GPU_TILES = {
+    ("forward", "16bit"): ((256, 64, 8, 3),),
+    ("backward", "16bit"): ((64, 32, 4, 3), (128, 32, 8, 3), (256, 16, 8, 3)),
+    ("double_pass1", "16bit"): ((64, 32, 4, 3), (128, 32, 8, 3), (256, 16, 8, 3)),
+    ("double_pass2", "16bit"): ((256, 16, 8, 3),),
+    ("forward", "fp32"): ((128, 32, 8, 3), (256, 16, 8, 2)),
+    ("backward", "fp32"): ((128, 32, 8, 3), (256, 16, 8, 2)),
+    ("double_pass1", "fp32"): ((128, 32, 8, 3), (256, 16, 8, 2)),
+    ("double_pass2", "fp32"): ((128, 32, 8, 3), (256, 16, 8, 2)),
+}
+MAX_DIM = 256  # the largest d with a spill-free tile; larger d: the CUDA C++ kernel (any d) or the twin
 
 
-def _config(u):
+def _config(u, kernel):
+    """(grid, launch meta) of one kernel ("forward", "backward", "double_pass1", "double_pass2"):
+    block sizes and, on a GPU, num_warps and num_stages."""
     tasks, batch, dim = u.shape
     block_d = max(16, triton.next_power_of_2(dim))
-    block = 16 if block_d > 256 else (32 if block_d > 64 else 64)
+    precision = "ieee" if u.dtype == torch.float32 else "tf32"  # ignored for fp16/bf16 dots
+    meta = dict(BLOCK_D=block_d, PRECISION=precision)
     if u.device.type == "cpu":  # the interpreter: small tiles keep it quick
         block = 16
-    precision = "ieee" if u.dtype == torch.float32 else "tf32"  # ignored for fp16/bf16 dots
-    return (tasks, triton.cdiv(batch, block)), dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d,
-                                                   PRECISION=precision)
+    else:
+        tiles = GPU_TILES[(kernel, "fp32" if u.dtype == torch.float32 else "16bit")]
+        limit, block, warps, stages = next((t for t in tiles if block_d <= t[0]), tiles[-1])
+        if block_d > limit:
+            raise ValueError(f"the Triton NT-Xent kernels take d <= {MAX_DIM}, got d = {dim}")
+        meta.update(num_warps=warps, num_stages=stages)
+    meta.update(BLOCK_M=block, BLOCK_N=block)
+    return (tasks, triton.cdiv(batch, block)), meta
 
 
 def _scale(grad_task_loss, inv_tau, batch):
@@ -228,7 +253,7 @@ def forward(u, labels, inv_tau, variant):
     tasks, batch, dim = u.shape
     row_loss = torch.empty(tasks, batch, device=u.device, dtype=torch.float32)
     stats = torch.empty(tasks, 2, batch, device=u.device, dtype=torch.float32)
-    grid, meta = _config(u)
+    grid, meta = _config(u, "forward")
     _forward_kernel[grid](u, labels, row_loss, stats, batch, dim, inv_tau,
                           VARIANT_IN=variant == "in", **meta)
     return row_loss.mean(1), stats
@@ -238,7 +263,7 @@ def backward(grad_task_loss, u, labels, stats, inv_tau, variant):
     u, labels = u.contiguous(), labels.contiguous()
     batch, dim = u.shape[1], u.shape[2]
     grad_u = torch.empty_like(u)
-    grid, meta = _config(u)
+    grid, meta = _config(u, "backward")
     _backward_kernel[grid](u, labels, stats.float().contiguous(), _scale(grad_task_loss, inv_tau, batch),
                            grad_u, batch, dim, inv_tau, VARIANT_IN=variant == "in", **meta)
     return grad_u
@@ -249,11 +274,12 @@ def double_backward(grad_grad_u, grad_task_loss, u, labels, stats, inv_tau, vari
     tasks, batch, dim = u.shape
     stats = stats.float().contiguous()
     ab = torch.empty(tasks, 2, batch, device=u.device, dtype=torch.float32)
-    grid, meta = _config(u)
+    grid, meta = _config(u, "double_pass1")
     _double_pass1_kernel[grid](u, v, labels, stats, ab, batch, dim, inv_tau,
                                VARIANT_IN=variant == "in", **meta)
     grad_grad_task = (ab[:, 0] - ab[:, 1]).mean(1).to(grad_task_loss.dtype)
     grad_u = torch.empty_like(u)
+    grid, meta = _config(u, "double_pass2")
     _double_pass2_kernel[grid](u, v, labels, stats, ab, _scale(grad_task_loss, inv_tau, batch), grad_u,
                                batch, dim, inv_tau, VARIANT_IN=variant == "in", **meta)
     return grad_grad_task, grad_u

@@ -5,7 +5,8 @@
 #   3. pytest -q -m gpu tests/ (Triton compiled for the GPU: BMSSL_TEST_TRITON_GPU=1) and the
 #      NT-Xent GPU sweep of issue 4 (bf16, d = 128, M in {2, 4}, B in {4096, 16384, 65536}),
 #      most telling first: the CUDA NT-Xent tests (quick, no JIT); the sweep with eager,
-#      bmssl-triton, bmssl-cuda and inf-cl (when importable); the other GPU tests; last
+#      bmssl-triton, bmssl-cuda and inf-cl (when importable); the Triton NT-Xent tiles timed
+#      over candidates (bench/ntxent_tiles.py); the other GPU tests; last
 #      torch.compile, which compiles per shape and gets what time is left; between them the
 #      unroll benchmark of issue 5 (mini configuration, L = 5, δ = 5, K = 4)
 # Everything goes under $OUT (default bench/results/gpu): one log per step and steps.tsv with
@@ -68,6 +69,9 @@ step bench_ntxent_m2 90 "$PYTHON" -m bmssl.bench.ntxent "${SWEEP[@]}" --views 2 
   --out "$OUT/ntxent_m2"
 step bench_ntxent_m4 90 "$PYTHON" -m bmssl.bench.ntxent "${SWEEP[@]}" --views 4 --no-compile \
   --out "$OUT/ntxent_m4"
+
+# the Triton NT-Xent tiles, chosen from ptxas's figures, timed over candidates (bf16, B = 16384, d = 128)
+step ntxent_tiles 75 "$PYTHON" bench/ntxent_tiles.py --out "$OUT/ntxent_tiles"
 
 # issue 5 on the GPU: (a) baseline, (b) twins, (c) fused, (c') fused under vmap, (d) fused + CUDA graph
 # (bmssl.cuda_graph: the whole step captured once, replayed),

@@ -14,6 +14,15 @@
 # runs. The whole session stops at BUDGET_S seconds (default 470, under 8 minutes).
 #
 #     OUT=/path/to/out bash bench/gpu_session.sh
+#
+# inf-cl (issue 4's peer at M = 2) is not on the GPU machine: carry its wheel (inf_cl 1.2.1, 15 KB,
+# pure Python; it needs numpy and triton, which are there). Here, in the repository's root:
+#     echo /.whl/ >> .git/info/exclude
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux2014_x86_64 -d .whl inf-cl==1.2.1
+# then the device run, with carry [".whl"]:
+#     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
+#         && export PYTHONPATH=/tmp/site; OUT=$OUT bash bench/gpu_session.sh
 set -u
 cd "$(dirname "$0")/.."
 

@@ -336,3 +336,16 @@ def test_triton_refuses_d_past_its_tile_and_auto_moves_on():
         torch.testing.assert_close(bmssl.ntxent(small, labels, 0.5, backend="triton"),
                                    bmssl.ntxent(small, labels, 0.5, backend="torch"))
     torch.testing.assert_close(bmssl.ntxent(z, labels, 0.5), bmssl.ntxent(z, labels, 0.5, backend="torch"))
+
+
+def test_gpu_tiles_cover_every_d_up_to_max_dim():
+    """Each kernel's GPU tile table ends at MAX_DIM, in rising order, with power-of-two blocks
+    (bmssl.triton.aot compiles exactly these; test_triton_aot.py checks their registers)."""
+    from bmssl.triton.ntxent import GPU_TILES, MAX_DIM
+
+    assert {kernel for kernel, _ in GPU_TILES} == {"forward", "backward", "double_pass1", "double_pass2"}
+    for key, rows in GPU_TILES.items():
+        limits = [row[0] for row in rows]
+        assert limits == sorted(limits) and limits[-1] == MAX_DIM, key
+        for _, block, warps, stages in rows:
+            assert block >= 16 and block & (block - 1) == 0 and warps in (1, 2, 4, 8, 16) and stages >= 1, key

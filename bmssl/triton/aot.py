@@ -16,10 +16,10 @@ costs (registers, spills to local memory, shared memory). This module
    compiled metadata.
 
 The kernels must be JITFunctions, not interpreted ones, so this runs in a process of its own
-with BMSSL_TRITON_AOT=1 (the command above starts one), where bmssl leaves the interpreter off. Launch options
-(num_warps, num_stages) are the launcher's, Triton's defaults where it gives none; no argument is
-specialised: a GPU run can add
-divisibility hints, which change code, not what compiles.
+with BMSSL_TRITON_AOT=1 (the command above starts one), where bmssl leaves the interpreter off.
+Launch options (num_warps, num_stages) are the launcher's, Triton's defaults where it gives none.
+No argument is specialised: a GPU run adds divisibility hints, which change the code generated,
+not whether it compiles.
 """
 import argparse
 import json
@@ -50,8 +50,8 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 MAX_REGISTERS = 255
 # spill bytes per thread a launch may have: a few registers' worth (ptxas spills 4-68 B in some
-# kernels that it caps at 64 or 128 registers; that costs next to nothing); the NT-Xent tiles
-# used before this check existed spilled up to 15 KB
+# kernels that it caps at 64 or 128 registers); the NT-Xent tiles used before this check existed
+# spilled up to 15 KB
 SPILL_LIMIT = 128
 _POINTER = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64",
             torch.int64: "*i64", torch.int32: "*i32", torch.int8: "*i8", torch.uint8: "*u8", torch.bool: "*i1"}
@@ -97,7 +97,7 @@ class Launch:
         return self.kernel.__name__
 
     def key(self):
-        return (self.name, tuple(sorted(self.signature.items())), tuple(sorted(map(str, self.constexprs.items()))),
+        return (self.kernel.fn.__module__, self.name, tuple(sorted(self.signature.items())), tuple(sorted(map(str, self.constexprs.items()))),
                 tuple(sorted(self.options.items())))
 
     def describe(self):

@@ -83,7 +83,8 @@ def main(argv=None):
                       "variant": args.variant, "block": block, "num_warps": warps, "num_stages": stages}
             for metric, value in timing.items():
                 rows.append(common.row(env, "ntxent_tile", "bmssl-triton", kernel, metric, params, value))
-        current = next((t[1:] for t in chosen[key] if max(16, _pow2(args.dim)) <= t[0]), None)
+        meta = kernels._config(u, kernel)[1]  # the tile GPU_TILES gives this d
+        current = (meta["BLOCK_M"], meta["num_warps"], meta["num_stages"])
         print(f"\n{kernel} ({args.dtype}, B = {args.batch}, d = {args.dim}); GPU_TILES has {current}")
         for tile, ms in sorted(results, key=lambda r: r[1]):
             print(f"  block {tile[0]:>3}  warps {tile[1]}  stages {tile[2]}  {ms:9.3f} ms"
@@ -95,10 +96,6 @@ def main(argv=None):
 
 def _tensors(out):
     return [t for t in (out if isinstance(out, tuple) else (out,)) if isinstance(t, torch.Tensor)]
-
-
-def _pow2(n):
-    return 1 << (n - 1).bit_length()
 
 
 if __name__ == "__main__":

@@ -206,7 +206,7 @@ def cases(quick=False):
         params = [_meta(64, 3, 3, 3, dtype=dtype), _meta(64, dtype=dtype), _meta(5, 1600, dtype=dtype)]
         found.append(("sgd_unroll_step", f"{name}, 3 tensors", sgd_unroll_step.sgd_unroll_step, (params, params, 0.1)))
         found.append(("sgd_unroll_step", f"{name}, one tensor (CUDA graph capture)",
-                      lambda p, dtype=dtype: sgd_unroll_step._sgd_one_kernel[(1,)](p, p, p, p.numel(), 0.1, BLOCK=1024),
+                      lambda p: sgd_unroll_step._sgd_one_kernel[(1,)](p, p, p, p.numel(), 0.1, BLOCK=1024),
                       (params[0],)))
         for side in ((84, 5) if quick else (84, 42, 21, 10, 28, 14, 7, 3)):
             x = _meta(4, 25, 64, side, side, dtype=dtype)

@@ -3,8 +3,9 @@
 Backends: "cuda" (CUDA C++ in kernels/), "triton" (bmssl/triton/), "cpu" (C++ in csrc/cpu/),
 "torch" (the pure-PyTorch twin in bmssl/reference/). BMSSL_BACKEND or a `backend=` argument
 picks one; "auto" (the default) takes the first that can serve the input from the op's
-priority list. An explicit request that cannot be served raises BackendUnavailableError,
-which lists the reason for every backend.
+priority list. A backend can refuse an input for its device, its dtype or its shape (an op's
+`shape_limits`, e.g. a tile that holds at most d columns). An explicit request that cannot be
+served raises BackendUnavailableError, which lists the reason for every backend.
 """
 import os
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ class OpSupport:
     backend_dtypes: tuple = ()  # ((backend, dtypes), ...) where a backend takes fewer dtypes
     auto_cuda: tuple = ("cuda", "triton", "torch")  # auto's order for CUDA tensors
     auto_cpu: tuple = ("cpu", "torch")  # the Triton interpreter is never chosen by auto
+    # ((backend, reason(shape) -> str or None), ...): shapes a backend's kernels cannot take
+    shape_limits: tuple = ()
 
 
 def requested(backend=None) -> str:
@@ -60,8 +63,8 @@ def machine_reason(name: str):
     return None
 
 
-def input_reason(name: str, op: OpSupport, device: torch.device, dtype: torch.dtype):
-    """Why backend `name` cannot serve this input of `op`, or None if it can."""
+def input_reason(name: str, op: OpSupport, device: torch.device, dtype: torch.dtype, shape=None):
+    """Why backend `name` cannot serve this input of `op` (of this shape, when given), or None."""
     if name == "torch":
         return None
     if name not in op.backends:
@@ -80,24 +83,28 @@ def input_reason(name: str, op: OpSupport, device: torch.device, dtype: torch.dt
         return "Triton runs CPU tensors only in its interpreter (set TRITON_INTERPRET=1)"
     if name == "triton" and device.type not in ("cpu", "cuda"):
         return f"Triton takes CUDA tensors, these are on {device}"
+    limit = dict(op.shape_limits).get(name)
+    if limit is not None and shape is not None:
+        return limit(tuple(shape))
     return None
 
 
-def choose(op: OpSupport, device: torch.device, dtype: torch.dtype, backend=None) -> str:
-    """The backend that runs `op` on this input; raises with every backend's reason if none."""
+def choose(op: OpSupport, device: torch.device, dtype: torch.dtype, backend=None, shape=None) -> str:
+    """The backend that runs `op` on this input (`shape`: the input's shape, checked against the
+    op's shape_limits); raises with every backend's reason if the requested one cannot."""
     choice = requested(backend)
     if choice != "auto":
-        reason = input_reason(choice, op, device, dtype)
+        reason = input_reason(choice, op, device, dtype, shape)
         if reason is None:
             return choice
-        lines = [f"  {name}: {input_reason(name, op, device, dtype) or 'can serve it'}"
+        lines = [f"  {name}: {input_reason(name, op, device, dtype, shape) or 'can serve it'}"
                  for name in BACKENDS]
         raise BackendUnavailableError(
             f"backend {choice!r} cannot run {op.name} on {dtype} tensors on {device}: {reason}\n"
             + "\n".join(lines))
     order = op.auto_cuda if device.type == "cuda" else op.auto_cpu
     for name in order:
-        if input_reason(name, op, device, dtype) is None:
+        if input_reason(name, op, device, dtype, shape) is None:
             return name
     return "torch"
 

@@ -47,6 +47,23 @@ def test_unknown_backend_is_a_value_error(monkeypatch):
         bmssl.kl_bootstrap(torch.randn(2, 3), torch.randn(2, 3))
 
 
+def test_shape_limits_refuse_a_request_and_auto_takes_the_next_backend():
+    """An op's shape_limits: auto skips a backend whose limit refuses the shape, an explicit
+    request for it raises with the limit's reason, and shapes within the limit go through."""
+    def wide_rows(shape):
+        return f"at most 8 columns, got {shape[-1]}" if shape[-1] > 8 else None
+
+    limited = backends.OpSupport(name="toy", backends=("cpu",), shape_limits=(("cpu", wide_rows),))
+    cpu = torch.device("cpu")
+    assert backends.choose(limited, cpu, torch.float32, shape=(4, 8)) == "cpu"
+    assert backends.choose(limited, cpu, torch.float32, shape=(4, 9)) == "torch"
+    assert backends.choose(limited, cpu, torch.float32) == "cpu"  # no shape given: not checked
+    with pytest.raises(bmssl.ops.BackendUnavailableError, match="toy on torch.float32 tensors on cpu: at most 8 "
+                       "columns, got 9") as error:
+        backends.choose(limited, cpu, torch.float32, backend="cpu", shape=(4, 9))
+    assert "\n  torch: can serve it" in str(error.value)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_unservable_request_lists_every_backend():
     with pytest.raises(bmssl.ops.BackendUnavailableError) as error:

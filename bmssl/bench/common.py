@@ -19,15 +19,15 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def bmssl_providers(support, device, dtype, with_compile):
+def bmssl_providers(support, device, dtype, with_compile, shape=None):
     """torch, torch_compile (optional) and bmssl-<backend> for each compiled backend that can
-    serve this input of the op described by `support` (never the Triton interpreter: it is a
-    correctness tool, not a speed one)."""
+    serve this input (of this shape, when given) of the op described by `support` (never the
+    Triton interpreter: it is a correctness tool, not a speed one)."""
     from bmssl import backends
 
     names = ["torch"] + (["torch_compile"] if with_compile else [])
     for backend in ("cpu", "cuda", "triton"):
-        usable = backends.input_reason(backend, support, device, dtype) is None
+        usable = backends.input_reason(backend, support, device, dtype, shape) is None
         if usable and not (backend == "triton" and device.type == "cpu"):
             names.append(f"bmssl-{backend}")
     return names

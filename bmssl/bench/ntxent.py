@@ -45,7 +45,7 @@ def inf_cl_reason(device, views, dim):
 
 def providers(device, dtype, with_compile, views=2, dim=128, say=print):
     """The providers of one case; say(message) reports each one skipped and why."""
-    names = common.bmssl_providers(SUPPORT, device, dtype, with_compile)
+    names = common.bmssl_providers(SUPPORT, device, dtype, with_compile, shape=(dim,))  # limits read d only
     reason = inf_cl_reason(device, views, dim)
     if reason is None:
         names.append("inf-cl")

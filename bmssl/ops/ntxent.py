@@ -17,11 +17,22 @@ from bmssl.ops._vmap import fold_vmapped_dim
 from bmssl.reference.kl_bootstrap import accumulation_dtype
 from bmssl.validate import check_ntxent, check_ntxent_rect
 
+
+def _triton_dim_reason(shape):
+    """The Triton kernels hold a row's d columns in one tile, up to bmssl.triton.ntxent.MAX_DIM."""
+    from bmssl.triton.ntxent import MAX_DIM
+
+    if shape[-1] > MAX_DIM:
+        return f"the triton kernels of ntxent take d <= {MAX_DIM}, got d = {shape[-1]}"
+    return None
+
+
 SUPPORT = backends.OpSupport(
     name="ntxent", backends=("cpu", "cuda", "triton"),
     # the Triton kernels keep fp32 statistics, so fp64 input would lose its precision there;
     # the C++ CPU and CUDA kernels accumulate fp64 input in fp64
-    backend_dtypes=(("triton", (torch.float16, torch.bfloat16, torch.float32)),))
+    backend_dtypes=(("triton", (torch.float16, torch.bfloat16, torch.float32)),),
+    shape_limits=(("triton", _triton_dim_reason),))  # past d = MAX_DIM auto takes the next backend
 
 OPS = {}  # backend -> (forward, backward, double_backward)
 
@@ -260,27 +271,6 @@ class NTXentDoubleBackward(torch.autograd.Function):
                 (0, 0))
 
 
-def _within_triton_dim(name, z, backend):
-    """The Triton kernels hold a row's d columns in one tile, up to bmssl.triton.ntxent.MAX_DIM:
-    past it, backend="triton" is refused and auto takes the next backend in its order."""
-    dim, device, dtype = z.shape[-1], z.device, z.dtype
-    if name != "triton" or dim <= _triton_max_dim():
-        return name
-    if backends.requested(backend) == "triton":
-        raise backends.BackendUnavailableError(
-            f"the triton kernels of ntxent take d <= {_triton_max_dim()}, got d = {dim}; the cuda, cpu "
-            "and torch backends take any d")
-    order = SUPPORT.auto_cuda if device.type == "cuda" else SUPPORT.auto_cpu
-    later = order[order.index("triton") + 1:] if "triton" in order else ()
-    return next((b for b in later if backends.input_reason(b, SUPPORT, device, dtype) is None), "torch")
-
-
-def _triton_max_dim():
-    from bmssl.triton.ntxent import MAX_DIM
-
-    return MAX_DIM
-
-
 def ntxent(z, labels, temperature=0.1, variant="in", normalize=True, backend=None):
     """Multi-view NT-Xent. z: [B, d] or [T, B, d] embeddings (fp16/bf16/fp32/fp64).
     labels: [B] or [T, B] integers in [0, B); every label must occur at least twice.
@@ -288,7 +278,7 @@ def ntxent(z, labels, temperature=0.1, variant="in", normalize=True, backend=Non
     first. Returns the mean over anchors (and tasks) in z's dtype, accumulated in fp32 (fp64 for
     fp64). backend: see bmssl.backends (default: BMSSL_BACKEND or "auto")."""
     temperature = check_ntxent(z, labels, temperature, variant)
-    name = _within_triton_dim(backends.choose(SUPPORT, z.device, z.dtype, backend), z, backend)
+    name = backends.choose(SUPPORT, z.device, z.dtype, backend, shape=z.shape)
     if name == "torch":
         return reference.ntxent(z, labels, temperature, variant, normalize)
     tasks_z = z if z.dim() == 3 else z.unsqueeze(0)

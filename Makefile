@@ -45,5 +45,5 @@ test: build
 bench: build
 	$(PY) bench/bench_kl_bootstrap.py --out bench/results/tmp/kl_bootstrap
 
-clean:
-	rm -rf $(VENV) build bmssl/*.so bmssl/_build_config.json *.egg-info
+clean:  # the glyph cache (~/.cache/bmssl) is kept: it is rebuilt from fonts on demand
+	rm -rf $(VENV) build bmssl/*.so bmssl/_build_config.json *.egg-info $(DEMO_RUN)

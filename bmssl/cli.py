@@ -34,7 +34,7 @@ def info(_args):
     return 0
 
 
-QUICK = {  # `bmssl bench <op> --quick`: one small sweep, eager PyTorch only, a few seconds
+QUICK = {  # `bmssl bench <op> --quick`: one small sweep, no torch.compile, a few seconds
     "kl_bootstrap": dict(rows=[16384], classes=[5, 64], no_compile=True, repeats=10),
     "ntxent": dict(batches=[2048], views=[2], no_compile=True, no_memory=True, repeats=5),
 }
@@ -64,7 +64,7 @@ def build_parser():
     for name, module in (("kl_bootstrap", kl_bootstrap), ("ntxent", ntxent)):
         op_parser = ops.add_parser(name, help=module.__doc__.splitlines()[0])
         op_parser.add_argument("--quick", action="store_true",
-                               help="one small shape, eager PyTorch only: a few seconds")
+                               help="one small shape, no torch.compile: a few seconds")
         module.add_arguments(op_parser)
         op_parser.set_defaults(run=bench)
 

@@ -185,7 +185,7 @@ class GroupNormDoubleBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError("group_norm is twice differentiable; a third derivative is not implemented")
+        raise NotImplementedError("group_norm is twice differentiable; a third derivative is not implemented")
 
     @staticmethod
     def vmap(info, in_dims, gg_x, gg_weight, gg_bias, grad_y, x, weight, bias, stats, groups, relu, pool, backend):

@@ -261,7 +261,7 @@ class NTXentDoubleBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError("ntxent is twice differentiable; a third derivative is not implemented")
+        raise NotImplementedError("ntxent is twice differentiable; a third derivative is not implemented")
 
     @staticmethod
     def vmap(info, in_dims, grad_grad_u, grad_task_loss, u, labels, stats, inv_tau, variant, backend):

@@ -1,10 +1,12 @@
 // Row kernels shared by the CPU NT-Xent ops (csrc/cpu/ntxent.cpp, csrc/cpu/ntxent_rect.cpp):
-// a vectorisable exp, loops over one row of a similarity tile (cloned for x86-64-v4 (AVX-512),
-// x86-64-v3 (AVX2 + FMA) and baseline x86), and the grouping of rows by label that gives each anchor its positives.
+// a vectorisable exp, loops over one row of a similarity tile (vector clones, vector_clones.h),
+// and the grouping of rows by label that gives each anchor its positives.
 // Everything here has internal linkage, so each file that includes it gets its own copy.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+
+#include "vector_clones.h"
 
 #include <algorithm>
 #include <cmath>
@@ -12,18 +14,6 @@
 #include <cstring>
 #include <limits>
 #include <vector>
-
-// The clones are named by ISA level, not by CPU model: GCC resolves "arch=<model>" clones with
-// __builtin_cpu_is(<model>), so "arch=skylake-avx512" and "arch=haswell" never match an AMD CPU
-// (an AVX-512 EPYC ran the baseline clone). "arch=x86-64-v4" / "v3" test the features themselves.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
-#define BMSSL_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define BMSSL_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define BMSSL_VECTOR_CLONES
-#endif
-#define BMSSL_INLINE inline __attribute__((always_inline))
 
 namespace bmssl {
 namespace {

@@ -96,3 +96,39 @@ def test_cuda_bindings_compile_against_torch_headers(binding, tmp_path):
                f"-I{tmp_path}", f"-I{CUDA_INCLUDE}", "-DBMSSL_WITH_CUDA", str(binding)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def _cpu_flags():
+    """The flags of the first CPU in /proc/cpuinfo (Linux), or None."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    line = next((l for l in text.splitlines() if l.startswith("flags")), None)
+    return set(line.split(":", 1)[1].split()) if line else None
+
+
+@pytest.mark.skipif(_cpu_flags() is None, reason="needs /proc/cpuinfo (Linux) to know what the CPU supports")
+def test_cpu_runs_the_widest_vector_clone_it_supports():
+    """The CPU kernels' vector clones (csrc/cpu/vector_clones.h) are keyed on ISA level: a CPU
+    with AVX-512 runs the AVX-512 clone, whatever its vendor. (They were keyed on Intel CPU models
+    once, and an AVX-512 AMD EPYC ran the baseline clone at 2.4x the time.) build_info reports the
+    version a probe with the clones' own target strings resolves to."""
+    import platform
+
+    from bmssl import _extension
+
+    if not _extension.loaded():
+        pytest.skip(_extension.LOAD_ERROR)
+    facts = _extension.compiled_facts()
+    if platform.machine() != "x86_64" or not facts.get("compiler", "").startswith("gcc"):
+        assert facts.get("cpu_vector_clone", "").startswith("none")
+        return
+    flags = _cpu_flags()
+    if int(facts["compiler"].split()[1].split(".")[0]) >= 12:  # ISA levels x86-64-v4 / v3
+        levels = (("arch=x86-64-v4", {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}),
+                  ("arch=x86-64-v3", {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"}))
+    else:  # single features
+        levels = (("avx512f", {"avx512f"}), ("avx2", {"avx2"}))
+    expected = next((name for name, needs in levels if needs <= flags), "default")
+    assert facts["cpu_vector_clone"] == expected, (facts, sorted(flags))

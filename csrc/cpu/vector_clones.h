@@ -8,11 +8,18 @@
 // (an AVX-512 EPYC ran the baseline clone). "arch=x86-64-v4" / "v3" test the features themselves.
 #pragma once
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
-#define BMSSL_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define BMSSL_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#if __GNUC__ >= 12
+#define BMSSL_CLONE_WIDE "arch=x86-64-v4"
+#define BMSSL_CLONE_NARROW "arch=x86-64-v3"
+#else
+#define BMSSL_CLONE_WIDE "avx512f"
+#define BMSSL_CLONE_NARROW "avx2"
+#endif
+#define BMSSL_VECTOR_CLONES __attribute__((target_clones(BMSSL_CLONE_WIDE, BMSSL_CLONE_NARROW, "default")))
+#define BMSSL_HAVE_VECTOR_CLONES 1
 #else
 #define BMSSL_VECTOR_CLONES
+#define BMSSL_HAVE_VECTOR_CLONES 0
 #endif
 #define BMSSL_INLINE inline __attribute__((always_inline))

@@ -16,7 +16,7 @@ import bmssl.distributed
 from bmssl import reference
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("backend", ["cpu"])  # the only compiled backend of ntxent_rect; "torch" is the twin
 @given(columns=st.integers(4, 60), data=st.data(), variant=st.sampled_from(["in", "out"]),
        normalize=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_rect_matches_twin(backend, columns, data, variant, normalize, seed):

@@ -13,7 +13,7 @@ from bmssl.ops.kl_bootstrap import SUPPORT
 from tolerances import assert_close_to_oracle
 
 CPU_BACKENDS = [b for b in ("cpu", "triton") if backends.input_reason(b, SUPPORT, torch.device("cpu"), torch.float32) is None]
-GPU_BACKENDS = ["cuda", "triton", "torch"]
+GPU_BACKENDS = ["cuda", "triton"]
 
 
 def naive_kl(student, target, temperature):
@@ -27,8 +27,12 @@ def naive_kl(student, target, temperature):
     return sum(total) / len(total)
 
 
-def test_cpu_backends_are_built():
+def test_cpu_backend_is_built():
     assert "cpu" in CPU_BACKENDS, backends.status()
+
+
+@pytest.mark.triton_interpreter
+def test_triton_interpreter_serves_cpu_tensors():
     assert "triton" in CPU_BACKENDS, backends.status()
 
 
@@ -84,7 +88,7 @@ def test_matches_reference_other_dtypes(backend, dtype):
         compare(backend, student, target, 0.7)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)  # the twin is the reference: comparing it is empty
 def test_non_contiguous_input(backend):
     student = torch.randn(9, 40)[:, ::2]
     target = torch.randn(40, 9).t()[:, 10:30]
@@ -100,7 +104,8 @@ def test_large_logits_stay_finite(backend):
     loss = bmssl.kl_bootstrap(s, target, 0.5, backend=backend)
     (grad,) = torch.autograd.grad(loss, s)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
-    compare(backend, student, target, 0.5)
+    if backend != "torch":  # the twin itself is the reference of compare()
+        compare(backend, student, target, 0.5)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
@@ -114,7 +119,8 @@ def test_zero_probability_targets(backend):
     (grad,) = torch.autograd.grad(loss, s)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     assert loss.item() == pytest.approx(naive_kl(student, target, 1.0), rel=1e-10)
-    compare(backend, student, target, 1.0)
+    if backend != "torch":  # the twin itself is the reference of compare()
+        compare(backend, student, target, 1.0)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
@@ -153,6 +159,7 @@ def test_opcheck_cpp_ops():
                           (grad_row, student, target, row_lse, 1.5))
 
 
+@pytest.mark.triton_interpreter
 def test_opcheck_triton_ops():
     student = torch.randn(5, 9, requires_grad=True)
     target = torch.randn(5, 9)

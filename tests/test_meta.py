@@ -2,6 +2,7 @@
 differences, float64), first vs second order, the stop-gradient target, vmap == loop,
 determinism and exact resume, learning on a trivial problem, config validation."""
 import io
+import math
 from typing import NamedTuple
 
 import pytest
@@ -353,8 +354,10 @@ def test_backbones_shapes_and_functional_call():
     assert resnet(torch.rand(2, 3, 32, 32)).shape == (2, 16)
     resnet_learner = MetaLearner(MetaConfig(inner_steps=1, target_steps=1, projection_dim=4),
                                  build_backbone("resnet12", (1, 16, 16), widths=(2, 2, 4, 4), seed=0))
-    rgb_batch = random_batch(tasks=2, size=16, dtype=torch.float32)
-    assert resnet_learner.step(rgb_batch)["outer_loss"] >= 0
+    before = {name: p.detach().clone() for name, p in resnet_learner.model.named_parameters()}
+    metrics = resnet_learner.step(random_batch(tasks=2, size=16, dtype=torch.float32))  # 1-channel 16x16
+    assert math.isfinite(metrics["outer_loss"]) and metrics["outer_loss"] > 0
+    assert any(not torch.equal(before[name], p) for name, p in resnet_learner.model.named_parameters())
     # per-sample norm: an image's features do not depend on the rest of the batch
     images = torch.rand(5, 1, 28, 28)
     torch.testing.assert_close(conv(images)[:2], conv(images[:2]))

@@ -63,8 +63,9 @@ def test_matches_per_anchor_loop(batch, classes, dim, temperature, variant, seed
     generator = torch.Generator().manual_seed(seed)
     z = torch.randn(batch, dim, dtype=torch.float64, generator=generator)
     labels = random_labels(batch, classes, generator)
-    got = bmssl.ntxent(z, labels, temperature, variant).item()
-    assert got == pytest.approx(per_anchor_loop(z, labels, temperature, variant), rel=1e-9, abs=1e-9)
+    expected = per_anchor_loop(z, labels, temperature, variant)
+    for loss in (reference.ntxent, bmssl.ntxent):  # the twin, and the kernel auto picks
+        assert loss(z, labels, temperature, variant).item() == pytest.approx(expected, rel=1e-9, abs=1e-9)
 
 
 @pytest.mark.parametrize("variant", ["in", "out"])
@@ -73,7 +74,8 @@ def test_task_batched_is_mean_over_tasks(variant):
     z = torch.randn(3, 10, 4, dtype=torch.float64, generator=generator)
     labels = torch.stack([random_labels(10, 3, generator) for _ in range(3)])
     expected = sum(per_anchor_loop(z[t], labels[t], 0.5, variant) for t in range(3)) / 3
-    assert bmssl.ntxent(z, labels, 0.5, variant).item() == pytest.approx(expected, rel=1e-10)
+    for loss in (reference.ntxent, bmssl.ntxent):  # the twin, and the kernel auto picks
+        assert loss(z, labels, 0.5, variant).item() == pytest.approx(expected, rel=1e-10)
 
 
 def test_views_layout_matches_explicit_labels():
@@ -98,14 +100,42 @@ def test_gradcheck_and_gradgradcheck(variant, normalize):
     assert torch.autograd.gradgradcheck(loss, (z,))
 
 
-def test_low_precision_accumulates_in_fp32():
-    z = torch.randn(64, 16)
+def loss_accumulated_in(u, labels, temperature, dtype):
+    """The "in" loss of unit rows u with every sum a running sum in `dtype`, one term at a time:
+    what accumulating in the input dtype would give (the control of the test below)."""
+    s = (u.double() @ u.double().t() / temperature).to(dtype)
+    batch = s.shape[0]
+    others = ~torch.eye(batch, dtype=torch.bool)
+    top = s.masked_fill(~others, float("-inf")).max(dim=1).values
+    total_all = torch.zeros(batch, dtype=dtype)
+    total_pos = torch.zeros(batch, dtype=dtype)
+    for j in range(batch):
+        term = torch.exp(s[:, j] - top)
+        total_all = total_all + torch.where(others[:, j], term, torch.zeros_like(term))
+        total_pos = total_pos + torch.where(others[:, j] & (labels == labels[j]), term, torch.zeros_like(term))
+    row_loss = torch.log(total_all) - torch.log(total_pos)
+    mean = torch.zeros((), dtype=dtype)
+    for value in row_loss:
+        mean = mean + value
+    return (mean / batch).double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_accumulates_in_fp32(dtype):
+    """From fp16/bf16 inputs the loss is the exact loss of those inputs rounded once to the
+    dtype (within half its epsilon, relative): its sums run in fp32. The control, the same loss
+    with its sums accumulated in the dtype, misses that bound several times over."""
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 16, generator=generator).to(dtype)
     labels = torch.arange(32).repeat(2)
-    exact = bmssl.ntxent(z.double(), labels, 0.1)
-    for dtype in (torch.float16, torch.bfloat16):
-        got = bmssl.ntxent(z.to(dtype), labels, 0.1)
+    exact = reference.ntxent(z.double(), labels, 0.1).item()
+    bound = (torch.finfo(dtype).eps / 2 + 1e-5) * exact
+    for backend in ("auto", "torch"):
+        got = bmssl.ntxent(z, labels, 0.1, backend=backend)
         assert got.dtype == dtype and torch.isfinite(got)
-        assert abs(got.double() - exact).item() < 0.05 * exact.item()
+        assert abs(got.item() - exact) <= bound, (backend, got.item(), exact)
+    control = loss_accumulated_in(F.normalize(z.double(), dim=-1), labels, 0.1, dtype).item()
+    assert abs(control - exact) > 3 * bound, (control, exact)
 
 
 def test_torch_backend_is_the_twin():

@@ -10,6 +10,9 @@ from bmssl.ops.sgd import SUPPORT
 CPU = torch.device("cpu")
 BACKENDS = [b for b in ("cpu", "triton", "torch") if backends.input_reason(b, SUPPORT, CPU, torch.float32) is None]
 SHAPES = [(3, 4), (7,), (1,), (2, 3, 5), (257,)]
+# p - lr g from the input dtype's values: within an ulp or two of the correctly rounded result
+STEP_TOLERANCE = {torch.float64: (1e-15, 1e-15), torch.float32: (1e-7, 2.5e-7),
+                  torch.float16: (1e-3, 2e-3), torch.bfloat16: (8e-3, 8e-3)}
 
 
 def make(dtype=torch.float32, requires_grad=False):
@@ -18,8 +21,13 @@ def make(dtype=torch.float32, requires_grad=False):
     return params, grads
 
 
-def test_compiled_backends_are_there():
-    assert {"cpu", "triton"} <= set(BACKENDS), backends.status()
+def test_cpu_backend_is_there():
+    assert "cpu" in BACKENDS, backends.status()
+
+
+@pytest.mark.triton_interpreter
+def test_triton_interpreter_serves_cpu_tensors():
+    assert "triton" in BACKENDS, backends.status()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -34,7 +42,8 @@ def test_matches_twin(backend, dtype):
     for out, p, g in zip(got, params, grads):
         expected = (p.double() - 0.3 * g.double()).to(dtype)
         assert out.dtype == dtype and out.shape == p.shape
-        torch.testing.assert_close(out, expected, atol=1e-2 if dtype != torch.float32 else 1e-6, rtol=1e-2)
+        atol, rtol = STEP_TOLERANCE[dtype]
+        torch.testing.assert_close(out, expected, atol=atol, rtol=rtol)
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton")

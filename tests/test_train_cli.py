@@ -264,8 +264,12 @@ def test_glyph_like_folder_split_is_by_group_and_deterministic(folder):
     first, again = resolve_data(config), resolve_data(config)
     assert first.test.groups == again.test.groups and len(first.test.groups) == 1
     assert not set(first.train.groups) & set(first.test.groups)
-    other = resolve_data(TrainConfig(data=folder, channels=1, image_size=16, test_fraction=0.25, seed=3, split_seed=0))
-    assert len(other.test.groups) == 1
+    # split_seed (default: seed) alone fixes the split: the training seed does not move it
+    pinned = resolve_data(TrainConfig(data=folder, channels=1, image_size=16, test_fraction=0.25, seed=99, split_seed=3))
+    assert pinned.test.groups == first.test.groups
+    splits = {tuple(resolve_data(TrainConfig(data=folder, channels=1, image_size=16, test_fraction=0.25, seed=3,
+                                             split_seed=s)).test.groups) for s in range(8)}
+    assert all(len(groups) == 1 for groups in splits) and len(splits) > 1  # other split seeds, other splits
 
 
 def test_help_lists_train_and_eval(capsys):

@@ -2,6 +2,7 @@
 
 One row per (config, L, δ, K): seconds per outer step of each provider, each provider's speed-up
 over (a) the baseline, outer steps/s of the fused engine and the peak memory of (c) against (a).
+A CSV that joins runs at several commits gets a commit column.
 The plot draws (a)'s time over (c)'s against δ, one line per (L, K).
 
     python bench/unroll_table.py bench/results/cpu/unroll_sweep_28px.csv   # writes .md and _speedup.png
@@ -16,26 +17,34 @@ BASELINE, FUSED = "baseline", "engine_fused"
 
 
 def read(path):
-    """{(config, L, delta, K, method, order, dtype): {provider: {metric: value}}} and the first row."""
-    table, first = defaultdict(lambda: defaultdict(dict)), None
+    """{(config, L, delta, K, method, order, dtype): {provider: {metric: value}}}, the first row, and
+    {key: the commits its rows were measured at}."""
+    table, first, commits = defaultdict(lambda: defaultdict(dict)), None, defaultdict(set)
     with open(path) as handle:
         for row in csv.DictReader(handle):
             first = first or row
             p = json.loads(row["params"])
             key = (p["config"], p["L"], p["delta"], p["K"], p["method"], p["order"], p.get("dtype", "float32"))
             table[key][row["provider"]][row["metric"]] = float(row["value"])
+            commits[key].add(row["commit"])
     if first is None:
         raise SystemExit(f"{path} has no rows")
-    return table, first
+    return table, first, commits
 
 
-def markdown(table, first):
+def _commit_text(commits):
+    return ", ".join(sorted(set().union(*commits.values())))
+
+
+def markdown(table, first, commits):
     providers = sorted({name for cell in table.values() for name in cell}, key=_provider_order)
     others = [p for p in providers if p != BASELINE]
+    several = len(set().union(*commits.values())) > 1
     head = (["config", "L", "δ", "K", "method"] + [f"{p} s" for p in providers] + [f"{p} vs (a)" for p in others]
-            + [f"{FUSED} steps/s", f"{FUSED} peak vs (a)"])
-    lines = [f"Unroll sweep on {first['device']} (torch {first['torch']}, commit {first['commit']}): seconds per "
-             "outer step (median), speed-up over (a), and the fused engine's outer steps/s and peak memory.", "",
+            + [f"{FUSED} steps/s", f"{FUSED} peak vs (a)"] + (["commit"] if several else []))
+    lines = [f"Unroll sweep on {first['device']} (torch {first['torch']}, commit{'s' if several else ''} "
+             f"{_commit_text(commits)}): seconds per outer step (median), speed-up over (a), and the fused "
+             "engine's outer steps/s and peak memory.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in sorted(table):
         cell = table[key]
@@ -49,11 +58,13 @@ def markdown(table, first):
         values.append(_fmt(1e3 / fused["median_ms"], "{:.2f}") if "median_ms" in fused else "–")
         base_peak = cell.get(BASELINE, {}).get("peak_bytes")
         values.append(_fmt(fused["peak_bytes"] / base_peak, "{:.0%}") if base_peak and "peak_bytes" in fused else "–")
+        if several:
+            values.append(", ".join(sorted(commits[key])))
         lines.append("| " + " | ".join(map(str, values)) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot(table, first, out):
+def plot(table, first, commits, out):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,7 +81,7 @@ def plot(table, first, out):
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xlabel("δ (target steps; δ = 0 is MetaSSL)")
     ax.set_ylabel("(a) time / (c) time: fused engine's speed-up")
-    ax.set_title(f"unroll on {first['device']} (torch {first['torch']}, {first['commit']})")
+    ax.set_title(f"unroll on {first['device']} (torch {first['torch']}, {_commit_text(commits)})")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -91,11 +102,11 @@ def main():
     parser.add_argument("csv")
     args = parser.parse_args()
     path = Path(args.csv)
-    table, first = read(path)
-    text = markdown(table, first)
+    table, first, commits = read(path)
+    text = markdown(table, first, commits)
     path.with_suffix(".md").write_text(text)
     print(text)
-    plot(table, first, path.with_name(path.stem + "_speedup.png"))
+    plot(table, first, commits, path.with_name(path.stem + "_speedup.png"))
     print(f"wrote {path.with_suffix('.md')} and {path.with_name(path.stem + '_speedup.png')}")
 
 

@@ -32,18 +32,19 @@ def read(path):
     return table, first, commits
 
 
-def _commit_text(commits):
-    return ", ".join(sorted(set().union(*commits.values())))
+def _all_commits(commits):
+    return sorted(set().union(*commits.values()))
 
 
 def markdown(table, first, commits):
     providers = sorted({name for cell in table.values() for name in cell}, key=_provider_order)
     others = [p for p in providers if p != BASELINE]
-    several = len(set().union(*commits.values())) > 1
+    every = _all_commits(commits)
+    several = len(every) > 1
     head = (["config", "L", "δ", "K", "method"] + [f"{p} s" for p in providers] + [f"{p} vs (a)" for p in others]
             + [f"{FUSED} steps/s", f"{FUSED} peak vs (a)"] + (["commit"] if several else []))
     lines = [f"Unroll sweep on {first['device']} (torch {first['torch']}, commit{'s' if several else ''} "
-             f"{_commit_text(commits)}): seconds per outer step (median), speed-up over (a), and the fused "
+             f"{', '.join(every)}): seconds per outer step (median), speed-up over (a), and the fused "
              "engine's outer steps/s and peak memory.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in sorted(table):
@@ -81,7 +82,7 @@ def plot(table, first, commits, out):
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xlabel("δ (target steps; δ = 0 is MetaSSL)")
     ax.set_ylabel("(a) time / (c) time: fused engine's speed-up")
-    ax.set_title(f"unroll on {first['device']} (torch {first['torch']}, {_commit_text(commits)})")
+    ax.set_title(f"unroll on {first['device']} (torch {first['torch']}, {', '.join(_all_commits(commits))})")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=120)

@@ -15,8 +15,9 @@ projection head then gets no outer gradient, since the KL reads the classifier o
 The K tasks of a batch run as one computation, torch.func.vmap over tasks with θ shared
 (in_dims=None), or as a Python loop over tasks: task_batching="auto" takes vmap on CUDA and the
 loop on CPU, where vmap's grouped convolutions measured slower (bench/bench_unroll.py). Inner
-gradients are torch.func.grad under vmap and torch.autograd.grad in the loop; the outer gradient is plain reverse-mode autograd over θ, whose
-backward builds no graph, so the ops need second derivatives, never third.
+gradients are torch.func.grad under vmap and torch.autograd.grad in the loop; the outer gradient
+is plain reverse-mode autograd over θ, whose backward builds no graph, so the ops need second
+derivatives, never third.
 
     from bmssl.models import build_backbone
     from bmssl.meta import MetaConfig, MetaLearner

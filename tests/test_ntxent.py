@@ -343,8 +343,15 @@ def test_triton_refuses_d_past_its_tile():
 
 
 def test_auto_serves_d_past_the_triton_tile():
+    """In auto's CUDA order Triton serves d <= MAX_DIM and is skipped past it (the choice needs
+    no GPU: without one the cuda backend is refused for its device, Triton for its shape)."""
     from bmssl.triton.ntxent import MAX_DIM
 
+    cuda = torch.device("cuda")
+    if backends.input_reason("cuda", SUPPORT, cuda, torch.float32) is None:
+        pytest.skip("the CUDA kernels serve this machine's GPU first, so auto never reaches Triton")
+    assert backends.choose(SUPPORT, cuda, torch.float32, shape=(8, MAX_DIM)) == "triton"
+    assert backends.choose(SUPPORT, cuda, torch.float32, shape=(8, MAX_DIM + 1)) == "torch"
     z, labels = torch.randn(8, MAX_DIM + 1), torch.arange(4).repeat(2)
     torch.testing.assert_close(bmssl.ntxent(z, labels, 0.5), bmssl.ntxent(z, labels, 0.5, backend="torch"))
 

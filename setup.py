@@ -82,13 +82,18 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 def _extension():
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = list(FLAGS["cxx"])
+    # py_limited_api: the module is a bare PyInit (csrc/module.cpp) and the ops go through the
+    # dispatcher, so one bmssl/_C.abi3.so serves every CPython >= 3.9 of the same torch, and
+    # libtorch_python is not linked
     if not WITH_CUDA:
-        return CppExtension("bmssl._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=FLAGS["link"])
+        return CppExtension("bmssl._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=FLAGS["link"],
+                            py_limited_api=True)
     sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("kernels/*.cu"))
     cxx += ["-DBMSSL_WITH_CUDA"]
     nvcc = list(FLAGS["nvcc"]) + ["-DBMSSL_WITH_CUDA"]
     return CUDAExtension("bmssl._C", sources, include_dirs=_nvidia_include_dirs(),
-                         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=FLAGS["link"])
+                         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=FLAGS["link"],
+                         py_limited_api=True)
 
 
 def _write_build_config():
@@ -114,4 +119,5 @@ setup(
     package_data={"bmssl": ["_build_config.json"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

@@ -43,11 +43,9 @@ import bmssl._C  # noqa: F401  the module with the CUDA kernels linked in
 from pathlib import Path
 config = json.loads(Path("bmssl/_build_config.json").read_text())
 assert config["cuda_kernels"] and config["torch_cuda"], config
-cuda_ops = ["ntxent_forward", "ntxent_backward", "ntxent_double_backward", "kl_bootstrap_rows",
-            "kl_bootstrap_rows_backward", "sgd_unroll_step"]
-missing = [op for op in cuda_ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"bmssl::{op}", "CUDA")]
-assert not missing, f"no CUDA kernel registered for {missing}"
-print(f"cuda build check: bmssl._C imports with torch {torch.__version__}, CUDA kernels of {len(cuda_ops)} ops registered, archs {config['cuda_archs']}")
+from bmssl._extension import CUDA_OPS, missing_cuda_kernels
+assert not missing_cuda_kernels(), f"no CUDA kernel registered for {missing_cuda_kernels()}"
+print(f"cuda build check: bmssl._C imports with torch {torch.__version__}, CUDA kernels of {len(CUDA_OPS)} ops registered, archs {config['cuda_archs']}")
 EOF
 CI=true HYPOTHESIS_PROFILE=ci PYTHONPATH="$work/src" "$work/venv/bin/python" -m pytest -q -p no:cacheprovider \
   tests/test_backends.py tests/test_kl_bootstrap.py tests/test_sgd.py

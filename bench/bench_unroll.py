@@ -192,7 +192,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the memory subprocesses too
-    device = torch.device(args.device)
+    device = common.bench_device(args.device, parser)
     os.environ[DTYPE_VAR] = args.dtype
     if args.memory_vs_steps:
         return memory_vs_steps(args)

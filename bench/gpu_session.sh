@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU session (H100/H200, Python 3.12, torch 2.11+cu130, triton 3.6, no network):
 #   1. environment: nvidia-smi, versions, ninja
-#   2. build bmssl._C with the CUDA kernels (BMSSL_FORCE_CUDA=1, editable, no deps, no index)
+#   2. bmssl._C with the CUDA kernels: the module carried in .prebuilt/ (bench/prebuild_for_device.sh,
+#      built off the GPU machine) when bench/install_prebuilt.sh accepts it, else built here
+#      (BMSSL_FORCE_CUDA=1, editable, no deps, no index); the tree is on PYTHONPATH either way
 #   3. pytest -q -m gpu tests/ (Triton compiled for the GPU: BMSSL_TEST_TRITON_GPU=1) and the
 #      NT-Xent GPU sweep of issue 4 (bf16, d = 128, M in {2, 4}, B in {4096, 16384, 65536}),
 #      most telling first: the CUDA NT-Xent tests (quick, no JIT); the sweep with eager,
@@ -20,7 +22,8 @@
 #     echo /.whl/ >> .git/info/exclude
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #         --platform manylinux2014_x86_64 -d .whl inf-cl==1.2.1
-# then the device run, with carry [".whl"]:
+# and, to skip the build there, bash bench/prebuild_for_device.sh; then the device run, with
+# carry [".whl", ".prebuilt"]:
 #     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
 #         && export PYTHONPATH=/tmp/site; OUT=$OUT bash bench/gpu_session.sh
 set -u
@@ -52,7 +55,9 @@ step() {
   local took=$(($(date +%s) - begin))
   printf '%s\t%s\t%s\n' "$name" "$rc" "$took" >> "$OUT/steps.tsv"
   echo "   rc=$rc in ${took}s ($( ((rc == 124)) && echo 'timed out' || tail -n 1 "$OUT/$name.log"))"
+  return $rc
 }
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 step environment 30 bash -c "nvidia-smi; $PYTHON -c 'import sys, torch; print(sys.version); \
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available(), \
@@ -63,8 +68,9 @@ $PYTHON -c 'import hypothesis, pytest; print(\"pytest\", pytest.__version__, \"h
 command -v ninja || $PYTHON -c 'import ninja; print(\"ninja (module)\")' || echo 'no ninja: the build runs serially'"
 
 # MAX_JOBS: torch's BuildExtension compiles in parallel with ninja
-step build 240 env BMSSL_FORCE_CUDA=1 MAX_JOBS=16 PIP_NO_INDEX=1 \
-  "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
+step prebuilt 30 env PYTHON="$PYTHON" bash bench/install_prebuilt.sh \
+  || step build 240 env BMSSL_FORCE_CUDA=1 MAX_JOBS=16 PIP_NO_INDEX=1 \
+    "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
 
 step backends 20 "$PYTHON" -m bmssl info
 

@@ -132,3 +132,31 @@ def test_cpu_runs_the_widest_vector_clone_it_supports():
         levels = (("avx512f", {"avx512f"}), ("avx2", {"avx2"}))
     expected = next((name for name, needs in levels if needs <= flags), "default")
     assert facts["cpu_vector_clone"] == expected, (facts, sorted(flags))
+
+
+def test_a_module_built_against_another_torch_release_is_refused():
+    """bmssl._C is not imported under a torch release other than the one it was built against
+    (C++ extensions have no ABI across releases); the local part (+cu130, +cpu) is not a release."""
+    from bmssl._extension import torch_mismatch
+
+    assert torch_mismatch("2.11.0+cu130", "2.11.0+cu130") is None
+    assert torch_mismatch("2.11.0", "2.11.0+cu130") is None
+    assert torch_mismatch(None, "2.13.0+cpu") is None  # no record (a CMake build): let through
+    why = torch_mismatch("2.11.0+cu130", "2.13.0+cpu")
+    assert why is not None and "2.11.0+cu130" in why and "2.13.0+cpu" in why and "rebuild" in why
+
+
+def test_the_module_is_built_for_the_stable_python_abi():
+    """setup.py builds bmssl._C with py_limited_api: one _C.abi3.so for every CPython >= 3.10 of
+    its torch (what lets bench/prebuild_for_device.sh build here, on 3.11, for the GPU machine's
+    3.12), and it needs no symbol of libtorch_python."""
+    from bmssl import _extension
+
+    if not _extension.loaded():
+        pytest.skip(_extension.LOAD_ERROR)
+    from bmssl import _C
+
+    assert Path(_C.__file__).name == "_C.abi3.so", _C.__file__
+    if shutil.which("ldd"):
+        linked = subprocess.run(["ldd", _C.__file__], capture_output=True, text=True).stdout
+        assert "libtorch_python" not in linked, linked

@@ -51,6 +51,16 @@ def test_bench_ntxent_quick(tmp_path):
     assert "speedup" in out.stdout
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error where no GPU is visible")
+def test_bench_on_an_absent_gpu_is_a_usage_error():
+    """--device cuda with no GPU: exit 2 and one line saying so, not torch's RuntimeError from the
+    first allocation (which the GPU session's logs showed before)."""
+    out = run("bench", "kl_bootstrap", "--quick", "--device", "cuda")
+    assert out.returncode == 2, out.stderr
+    assert "--device cuda: no CUDA device is visible to torch" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_unknown_command_fails_clearly():
     out = run("fly")
     assert out.returncode != 0 and "invalid choice" in out.stderr

@@ -137,6 +137,19 @@ def peak_cuda_bytes(fn, device):
     return torch.cuda.max_memory_allocated(device) - before
 
 
+def bench_device(name, parser):
+    """torch.device(name) for a benchmark's --device, or the parser's usage error when it names a
+    CUDA device that torch cannot see (rather than torch's first-allocation RuntimeError)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        parser.error(f"--device {name}: {error}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {name}: no CUDA device is visible to torch {torch.__version__} "
+                     f"(CUDA build: {torch.version.cuda})")
+    return device
+
+
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -85,7 +85,7 @@ def main(args=None):
     parser = argparse.ArgumentParser(description=__doc__)
     add_arguments(parser)
     args = parser.parse_args(args) if not isinstance(args, argparse.Namespace) else args
-    device = torch.device(args.device)
+    device = common.bench_device(args.device, parser)
     dtypes = args.dtypes or (["fp32"] if device.type == "cpu" else ["bf16", "fp32"])
     results = run(device, args.rows, args.classes, dtypes, not args.no_compile, args.repeats)
     print(summary(results))

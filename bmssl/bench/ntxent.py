@@ -173,7 +173,7 @@ def main(args=None):
     parser = argparse.ArgumentParser(description=__doc__)
     add_arguments(parser)
     args = parser.parse_args(args) if not isinstance(args, argparse.Namespace) else args
-    device = torch.device(args.device)
+    device = common.bench_device(args.device, parser)
     batches = args.batches or ([1024, 4096, 8192] if device.type == "cpu" else [4096, 16384, 65536])
     dtypes = args.dtypes or (["fp32"] if device.type == "cpu" else ["bf16"])
     results = run(device, batches, args.dims, args.views, dtypes, args.variant, not args.no_compile,

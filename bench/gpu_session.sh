@@ -6,14 +6,18 @@
 #      (BMSSL_FORCE_CUDA=1, editable, no deps, no index); the tree is on PYTHONPATH either way
 #   3. pytest -q -m gpu tests/ (Triton compiled for the GPU: BMSSL_TEST_TRITON_GPU=1) and the
 #      NT-Xent GPU sweep of issue 4 (bf16, d = 128, M in {2, 4}, B in {4096, 16384, 65536}),
-#      most telling first: the CUDA NT-Xent tests (quick, no JIT); the sweep with eager,
+#      most telling first: the CUDA NT-Xent tests (quick, no JIT); compute-sanitizer's memcheck of
+#      every CUDA kernel (bench/sanitize_cuda.py); the sweep with eager,
 #      bmssl-triton, bmssl-cuda and inf-cl (when importable); the Triton NT-Xent tiles timed
 #      over candidates (bench/ntxent_tiles.py); the other GPU tests; last
 #      torch.compile, which compiles per shape and gets what time is left; between them the
-#      unroll benchmark of issue 5 (mini configuration, L = 5, δ = 5, K = 4)
+#      unroll benchmark of issue 5 (mini configuration, L = 5, δ = 5, K = 4), and racecheck before
+#      torch.compile
 # Everything goes under $OUT (default bench/results/gpu): one log per step and steps.tsv with
 # each step's exit status and seconds. A failing or timed-out step is logged and the next one
-# runs. The whole session stops at BUDGET_S seconds (default 470, under 8 minutes).
+# runs. The whole session stops at BUDGET_S seconds (default 470, under 8 minutes). The device
+# tool brings back at most 8 files, so at the end (or on TERM/INT) everything but steps.tsv is
+# packed into $OUT/gpu_session.tar.gz (PACK=0 leaves the files as they are).
 #
 #     OUT=/path/to/out bash bench/gpu_session.sh
 #
@@ -34,6 +38,16 @@ PYTHON=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-470}
 mkdir -p "$OUT"
 START=$(date +%s)
+
+# pack: $OUT's files but steps.tsv into $OUT/gpu_session.tar.gz (once)
+pack() {
+  [[ "${PACK:-1}" == 1 && ! -f "$OUT/gpu_session.tar.gz" ]] || return 0
+  local archive
+  archive=$(mktemp /tmp/gpu_session.XXXXXX.tar.gz)
+  tar -czf "$archive" -C "$OUT" --exclude=steps.tsv . \
+    && find "$OUT" -mindepth 1 ! -name steps.tsv -delete && mv "$archive" "$OUT/gpu_session.tar.gz"
+}
+trap 'pack; exit 130' TERM INT
 printf 'step\trc\tseconds\n' > "$OUT/steps.tsv"
 
 # step NAME LIMIT_S COMMAND...: runs COMMAND under `timeout` (LIMIT_S, or what is left of the
@@ -79,6 +93,12 @@ step test_cuda_ntxent 90 env BMSSL_TEST_TRITON_GPU=1 \
   "$PYTHON" -m pytest -q -m gpu tests/test_ntxent.py -k "cuda" -p no:cacheprovider \
   --junitxml="$OUT/test_cuda_ntxent.xml"
 
+# the CUDA kernels under compute-sanitizer (bench/sanitize_cuda.py): out-of-bounds accesses, then
+# shared-memory races (racecheck is slow: fewer cases, later). No caching allocator under memcheck:
+# an access past a tensor but inside the allocator's larger block would go unseen.
+SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}
+step memcheck 75 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 1 "$PYTHON" bench/sanitize_cuda.py
+
 SWEEP=(--device cuda --dtypes bf16 --dims 128 --batches 4096 16384 65536 --variant in --repeats 5)
 step bench_ntxent_m2 90 "$PYTHON" -m bmssl.bench.ntxent "${SWEEP[@]}" --views 2 --no-compile \
   --out "$OUT/ntxent_m2"
@@ -98,8 +118,11 @@ step test_gpu_rest 150 env BMSSL_TEST_TRITON_GPU=1 \
   "$PYTHON" -m pytest -q -m gpu tests/ -k "not (ntxent and cuda)" -p no:cacheprovider --durations=15 \
   --junitxml="$OUT/test_gpu_rest.xml"
 
+step racecheck 60 "$SANITIZER" --tool racecheck --error-exitcode 1 "$PYTHON" bench/sanitize_cuda.py --quick
+
 step bench_ntxent_compile 90 "$PYTHON" -m bmssl.bench.ntxent "${SWEEP[@]}" --views 2 4 \
   --providers torch_compile --out "$OUT/ntxent_compile"
 
 echo "== done in $(($(date +%s) - START))s; steps:"
 column -t "$OUT/steps.tsv" 2>/dev/null || cat "$OUT/steps.tsv"
+pack

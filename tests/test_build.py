@@ -160,3 +160,35 @@ def test_the_module_is_built_for_the_stable_python_abi():
     if shutil.which("ldd"):
         linked = subprocess.run(["ldd", _C.__file__], capture_output=True, text=True).stdout
         assert "libtorch_python" not in linked, linked
+
+
+def test_sanitizer_script_runs_every_case_on_the_cpu_kernels():
+    """bench/sanitize_cuda.py (compute-sanitizer's driver in the GPU session) runs all its cases;
+    --device cpu sends them through the C++ CPU kernels, so the script is known to work before a
+    GPU minute is spent on it."""
+    import sys
+
+    from bmssl import _extension
+
+    if not _extension.loaded():
+        pytest.skip(_extension.LOAD_ERROR)
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "sanitize_cuda.py"), "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "36 cases ran, 0 not finite" in out.stdout, out.stdout[-2000:]
+
+
+@pytest.mark.skipif(shutil.which("sha256sum") is None, reason="needs sha256sum (coreutils)")
+def test_source_hash_follows_the_sources_of_the_module(tmp_path):
+    """bench/source_hash.sh, which decides whether the GPU session may use a module prebuilt
+    elsewhere, is the same for the same sources and changes when one byte of csrc/ changes."""
+    for part in ("setup.py", "csrc", "kernels", "bench/source_hash.sh"):
+        (tmp_path / part).parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if (ROOT / part).is_dir() else shutil.copy)(ROOT / part, tmp_path / part)
+    script = tmp_path / "bench" / "source_hash.sh"
+    digest = lambda: subprocess.run(["bash", str(script)], capture_output=True, text=True, check=True).stdout  # noqa: E731
+    first = digest()
+    assert len(first.strip()) == 64 and digest() == first
+    with open(tmp_path / "csrc" / "ntxent.cpp", "a") as source:
+        source.write(" ")
+    assert digest() != first

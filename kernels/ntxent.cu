@@ -381,9 +381,36 @@ template <typename E> struct Params {
 
 // ---- the kernel ---------------------------------------------------------------------------------
 
+// Occupancy, handed to ptxas through __launch_bounds__ so that it budgets registers for the blocks
+// that can really share an SM. Without a minimum-blocks bound ptxas chose its own register counts,
+// and several kernels spilled in their inner loops (the fp32 forward kept its online max and sum
+// in local memory, 104 B per thread, at 48 registers), some for an occupancy their shared memory
+// never allows. Blocks per SM = the fewer of what the shared memory allows (228 KB per SM on
+// sm_90, 164 KB on sm_80, 1 KB reserved per block) and what the registers each pass needs without
+// spilling allow (65536 per SM; the figures are ptxas -v's, CUDA 13.0, on both architectures:
+// tests/test_build.py fails on any spill).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr size_t kSharedPerSm = 164 * 1024;
+#else
+constexpr size_t kSharedPerSm = 228 * 1024;
+#endif
+constexpr int kRegistersPerSm = 65536;
+
+template <typename E, Pass P> constexpr int registers_without_spills() {
+  if constexpr (P == Pass::kForward) return sizeof(E) == 8 ? 80 : 64;
+  else if constexpr (P == Pass::kBackward) return sizeof(E) == 4 ? 80 : 128;
+  else return 128;
+}
+
+template <typename E, Pass P> constexpr int blocks_per_sm() {
+  const int by_shared = int(kSharedPerSm / (Shared<typename TilesOf<E>::type, E, P>::kBytes + 1024));
+  const int by_registers = kRegistersPerSm / (kThreads * registers_without_spills<E, P>());
+  return std::max(1, std::min(by_shared, by_registers));
+}
+
 // Grid: (ceil(B / kRows), min(T, 65535)); a block walks tasks blockIdx.y, blockIdx.y + gridDim.y, ...
 template <typename E, Pass P>
-__global__ void __launch_bounds__(kThreads) ntxent_kernel(const Params<E> p) {
+__global__ void __launch_bounds__(kThreads, (blocks_per_sm<E, P>())) ntxent_kernel(const Params<E> p) {
   using Tiles = typename TilesOf<E>::type;
   using A = typename Tiles::A;
   using Smem = Shared<Tiles, E, P>;

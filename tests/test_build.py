@@ -21,8 +21,9 @@ def test_there_are_cuda_kernels():
 @pytest.mark.parametrize("arch", [a.replace(".", "") for a in FLAGS["cuda_archs"]])
 @pytest.mark.parametrize("kernel", KERNELS, ids=lambda p: p.name)
 def test_nvcc_compiles_kernel(kernel, arch, tmp_path):
-    """Compiles, and ptxas -v reports no kernel spilling more than a few registers (128 bytes per
-    thread, as tests/test_triton_aot.py allows the Triton kernels; the most today is 104 B)."""
+    """Compiles, and ptxas -v reports no spill and no stack frame in any kernel: register arrays
+    stay in registers. (Before kernels/ntxent.cu gave ptxas its occupancy through
+    __launch_bounds__, five of its kernels spilled, the fp32 forward 104 B per thread.)"""
     import re
 
     command = [NVCC, *FLAGS["nvcc"], f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v", "-c",
@@ -31,8 +32,9 @@ def test_nvcc_compiles_kernel(kernel, arch, tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "kernel.o").stat().st_size > 0
     spills = [int(b) for b in re.findall(r"(\d+) bytes spill stores", result.stderr)]
-    assert spills, result.stderr[-2000:]  # one line per kernel: the report was read
-    assert max(spills) <= 128, result.stderr
+    frames = [int(b) for b in re.findall(r"(\d+) bytes stack frame", result.stderr)]
+    assert spills and len(frames) == len(spills), result.stderr[-2000:]  # one line per kernel: the report was read
+    assert max(spills) == 0 and max(frames) == 0, result.stderr
 
 
 def test_kernels_dir_is_not_an_installed_package():

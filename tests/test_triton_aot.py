@@ -52,3 +52,20 @@ def test_no_compile_error_spill_or_shared_memory_overflow(report):
     assert not bad, "\n".join(bad)
     assert not any(r["problems"] for r in results["results"])
     assert done.returncode == 0, done.stdout[-2000:]
+
+
+def test_16bit_forward_and_backward_use_hoppers_warpgroup_mma(report):
+    """On sm_90 the bf16 NT-Xent forward and backward at d = 128 (the GPU benchmark's shape) compile
+    to wgmma, Hopper's fast tensor-core path, not Ampere's mma.sync; on sm_80 every 16-bit
+    NT-Xent kernel uses mma.sync, and the fp32 ones (exact IEEE dots) no tensor cores at all."""
+    results, _ = report
+    found = {(r["arch"], r["kernel"], r["case"]): r.get("matmul") for r in results["results"]
+             if r["op"] == "ntxent" and r["ok"]}
+    assert found[(90, "_forward_kernel", "forward bfloat16 d=128 in")] == "wgmma"
+    assert found[(90, "_backward_kernel", "backward bfloat16 d=128 in")] == "wgmma"
+    for (arch, kernel, case), matmul in found.items():
+        if "float32" in case:
+            assert matmul is None, (arch, kernel, case)
+        elif arch == 80:
+            assert matmul == "mma", (arch, kernel, case)
+

@@ -144,6 +144,16 @@ def _ptxas_usage(ptx, arch):
             int(spills.group(1)) if spills else 0, int(spills.group(2)) if spills else 0)
 
 
+def matmul_instruction(ptx):
+    """The tensor-core instruction the PTX multiplies with: "wgmma" (Hopper's warpgroup MMA, the
+    fast path on sm_90), "mma" (mma.sync, Ampere's), or None (no tl.dot, or CUDA cores)."""
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    if re.search(r"\bmma\.sync", ptx):
+        return "mma"
+    return None
+
+
 def compile_launch(launch, arch):
     """A dict: the launch compiled for sm_<arch>, or the error the compiler raised."""
     result = {"kernel": launch.name, "launch": launch.describe(), "arch": arch}
@@ -151,9 +161,11 @@ def compile_launch(launch, arch):
     try:
         source = ASTSource(fn=launch.kernel, signature=launch.signature, constexprs=launch.constexprs)
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(launch.options))
-        registers, spill_stores, spill_loads = _ptxas_usage(compiled.asm["ptx"], arch)
+        ptx = compiled.asm["ptx"]
+        registers, spill_stores, spill_loads = _ptxas_usage(ptx, arch)
         result.update(ok=True, registers=registers, spill_stores=spill_stores, spill_loads=spill_loads,
-                      shared_bytes=compiled.metadata.shared, num_warps=compiled.metadata.num_warps)
+                      shared_bytes=compiled.metadata.shared, num_warps=compiled.metadata.num_warps,
+                      matmul=matmul_instruction(ptx))
     except Exception as error:  # the compiler's own error is the finding
         result.update(ok=False, error=f"{type(error).__name__}: {str(error)[-1500:]}")
     result["seconds"] = round(time.perf_counter() - start, 2)

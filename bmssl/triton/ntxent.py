@@ -210,9 +210,13 @@ if triton is not None:
 # fp32 accumulator and several [BLOCK_M, BLOCK_N] fp32 tiles (p_ij, p_ji, q_ij, q_ji, G, H: the
 # second double-backward pass holds them all), so they take smaller tiles than the forward;
 # fp32's exact (IEEE) dots run on FMA units and need more registers than fp16/bf16's.
+# On sm_90 a tile of 64 rows or more lets Triton multiply with Hopper's warpgroup MMA (wgmma);
+# 32 and fewer fall back to Ampere's mma.sync. The 16-bit forward (64) and backward (64 at
+# d <= 128: two pipeline stages, where three spill 80 B on sm_90) get wgmma; the double-backward
+# passes spill at 64 and stay on mma.sync (the "matmul" field of bmssl.triton.aot's report).
 GPU_TILES = {
     ("forward", "16bit"): ((256, 64, 8, 3),),
-    ("backward", "16bit"): ((64, 32, 4, 3), (128, 32, 8, 3), (256, 16, 8, 3)),
+    ("backward", "16bit"): ((128, 64, 8, 2), (256, 16, 8, 3)),
     ("double_pass1", "16bit"): ((64, 32, 4, 3), (128, 32, 8, 3), (256, 16, 8, 3)),
     ("double_pass2", "16bit"): ((256, 16, 8, 3),),
     ("forward", "fp32"): ((128, 32, 8, 3), (256, 16, 8, 2)),

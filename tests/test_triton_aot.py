@@ -68,4 +68,3 @@ def test_16bit_forward_and_backward_use_hoppers_warpgroup_mma(report):
             assert matmul is None, (arch, kernel, case)
         elif arch == 80:
             assert matmul == "mma", (arch, kernel, case)
-

@@ -35,6 +35,9 @@ class OpSupport:
     auto_cpu: tuple = ("cpu", "torch")  # the Triton interpreter is never chosen by auto
     # ((backend, reason(shape) -> str or None), ...): shapes a backend's kernels cannot take
     shape_limits: tuple = ()
+    # dtypes the Triton interpreter computes wrongly for this op (its bf16 tl.dot gives wrong
+    # numbers without an error): refused there rather than served
+    interpreter_wrong_dtypes: tuple = ()
 
 
 def requested(backend=None) -> str:
@@ -83,6 +86,9 @@ def input_reason(name: str, op: OpSupport, device: torch.device, dtype: torch.dt
         return "Triton runs CPU tensors only in its interpreter (set TRITON_INTERPRET=1)"
     if name == "triton" and device.type not in ("cpu", "cuda"):
         return f"Triton takes CUDA tensors, these are on {device}"
+    if name == "triton" and device.type == "cpu" and dtype in op.interpreter_wrong_dtypes:
+        return (f"Triton's interpreter computes {op.name} in {dtype} wrongly (its {dtype} tl.dot gives wrong "
+                "numbers); use another dtype there, or a GPU")
     limit = dict(op.shape_limits).get(name)
     if limit is not None and shape is not None:
         return limit(tuple(shape))

@@ -41,12 +41,16 @@ QUICK = {  # `bmssl bench <op> --quick`: one small sweep, no torch.compile, a fe
 
 
 def bench(args):
+    """`bmssl bench <op>`; --quick sets the QUICK sweep for every flag left at its default."""
     from bmssl.bench import kl_bootstrap, ntxent
 
     module = {"kl_bootstrap": kl_bootstrap, "ntxent": ntxent}[args.op]
     if args.quick:
+        defaults = argparse.ArgumentParser()
+        module.add_arguments(defaults)
         for key, value in QUICK[args.op].items():
-            setattr(args, key, value)
+            if getattr(args, key) == defaults.get_default(key):
+                setattr(args, key, value)
     module.main(args)
     return 0
 
@@ -64,9 +68,9 @@ def build_parser():
     for name, module in (("kl_bootstrap", kl_bootstrap), ("ntxent", ntxent)):
         op_parser = ops.add_parser(name, help=module.__doc__.splitlines()[0])
         op_parser.add_argument("--quick", action="store_true",
-                               help="one small shape, no torch.compile: a few seconds")
+                               help="one small shape, no torch.compile: a few seconds (flags given with it still apply)")
         module.add_arguments(op_parser)
-        op_parser.set_defaults(run=bench)
+        op_parser.set_defaults(run=_guarded(bench, "bench"))
 
     from bmssl import evaluation_cli, training
 
@@ -86,18 +90,18 @@ def build_parser():
 
 
 def _guarded(command, name):
-    """Run a subcommand; its clear errors (bad values, missing files, a non-finite loss) end the
-    program with exit status 2 and one line on stderr instead of a traceback."""
+    """Run a subcommand; its clear errors (bad values, missing or unwritable files, a non-finite
+    loss) end the program with exit status 2 and one line on stderr instead of a traceback."""
 
     def run(args):
         try:
             return command(args)
-        except (ValueError, FileNotFoundError, FloatingPointError) as error:
+        except (ValueError, OSError, FloatingPointError) as error:
             print(f"bmssl {name}: error: {error}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            print(f"bmssl {name}: interrupted; a run continues from its last checkpoint with --resume RUN_DIR",
-                  file=sys.stderr)
+            hint = "; a run continues from its last checkpoint with --resume RUN_DIR" if name == "train" else ""
+            print(f"bmssl {name}: interrupted{hint}", file=sys.stderr)
             return 130
 
     return run

@@ -110,10 +110,19 @@ def proto_accuracy(model: FewShotModel, params: dict, episodes: Episodes, ways: 
         features = F.normalize(model.features(params, torch.cat([support, query])), dim=-1)
         prototypes = features[:support_count].reshape(ways, support_count // ways, -1).mean(1)
         cosine = features[support_count:] @ F.normalize(prototypes, dim=-1).T
-        return cosine.argmax(-1)
+        return cosine.argmax(-1), torch.isfinite(cosine).all()
 
-    predictions = torch.func.vmap(one_episode)(episodes.support, episodes.query)
+    predictions, finite = torch.func.vmap(one_episode)(episodes.support, episodes.query)
+    _check_finite(finite, "proto: the features of θ", "check θ (the checkpoint) for NaN or Inf values")
     return (predictions == episodes.query_labels).double().mean(1)
+
+
+def _check_finite(finite: torch.Tensor, what: str, hint: str) -> None:
+    """An argmax over NaN scores picks class 0, which reads as chance accuracy: fail instead."""
+    bad = int((~finite).sum())
+    if bad:
+        raise FloatingPointError(f"{what} are not finite (NaN or Inf) in {bad} of {finite.numel()} episodes, "
+                                 f"so the accuracy would be meaningless; {hint}")
 
 
 def finetune_accuracy(model: FewShotModel, params: dict, episodes: Episodes, ways: int, steps: int,
@@ -125,9 +134,12 @@ def finetune_accuracy(model: FewShotModel, params: dict, episodes: Episodes, way
     def one_episode(support, query):
         loss_fn = lambda w: F.cross_entropy(model.logits(w, model.features(w, support)), support_labels)  # noqa: E731
         adapted, _ = adapt(model.task_parameters(params, ways), loss_fn, steps, lr, create_graph=False)
-        return model.logits(adapted, model.features(adapted, query)).argmax(-1)
+        logits = model.logits(adapted, model.features(adapted, query))
+        return logits.argmax(-1), torch.isfinite(logits).all()
 
-    predictions = torch.func.vmap(one_episode)(episodes.support, episodes.query)
+    predictions, finite = torch.func.vmap(one_episode)(episodes.support, episodes.query)
+    _check_finite(finite, f"finetune: the query logits after {steps} SGD steps at lr {lr:g}",
+                  "lower the finetune learning rate")
     return (predictions == episodes.query_labels).double().mean(1)
 
 

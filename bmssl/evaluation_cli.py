@@ -5,7 +5,9 @@
 
 Every model sees the same episodes (one --eval-seed). The test set is the held-out split of the
 first checkpoint's data (its --data, --split-seed, ...) unless the data flags say otherwise; a
-checkpoint trained with other test groups draws a warning. `--method scratch` adds θ drawn at
+checkpoint trained with other test groups draws a warning. The evaluation flags (--settings,
+--episodes, --protocols, --queries, ...) and --device, --dtype, --threads take the defaults shown
+in --help, not the training run's. `--method scratch` adds θ drawn at
 random from --seed with the first checkpoint's architecture (or the model flags, without one).
 Results are mean accuracy ± the 95% half-width 1.96·std/√episodes (bmssl.eval.evaluate).
 """
@@ -28,6 +30,10 @@ from bmssl.training import (ALIASES, DATA_HELP, DTYPES, TrainConfig, _optional_f
 DATA_FIELDS = ("data", "eval_data", "image_size", "channels", "test_fraction", "split_seed")
 MODEL_FIELDS = ("backbone", "hidden", "depth", "widths", "norm", "projection_dim", "projection_hidden",
                 "inner_steps", "inner_lr")
+# Flags that do not come from the checkpoint: the defaults shown in --help unless given.
+EVAL_FIELDS = ("eval_settings", "episodes", "protocols", "queries", "eval_batch", "eval_seed", "finetune_steps",
+               "finetune_lr")
+RUN_FIELDS = ("device", "dtype", "threads", "progress")
 
 
 def evaluate_models(models: dict, test, config: TrainConfig, show_progress: bool = True) -> list:
@@ -126,8 +132,15 @@ def main(args: argparse.Namespace) -> int:
     given = {name: tuple(value) if isinstance(value, list) else value for name, value in given.items()}
     if not args.checkpoint and args.method != "scratch":
         raise ValueError("nothing to evaluate: give --checkpoint RUN_DIR [...] and/or --method scratch")
+    if args.json:  # before the evaluation, not after it
+        if Path(args.json).expanduser().is_dir():
+            raise ValueError(f"--json {args.json} is a directory; give a file path")
+        run_files.writable_directory(Path(args.json).expanduser().parent, "the folder of --json")
     states = [run_files.load_checkpoint(path) for path in args.checkpoint]
-    base = TrainConfig.from_dict(states[0]["config"]) if states else TrainConfig()
+    base = TrainConfig()
+    if states:  # the first run's data and model; the evaluation and run flags keep their own defaults
+        saved = TrainConfig.from_dict(states[0]["config"])
+        base = replace(saved, **{name: getattr(base, name) for name in EVAL_FIELDS + RUN_FIELDS})
     base = replace(base, **given).validate()
     if base.threads:
         torch.set_num_threads(base.threads)
@@ -157,7 +170,7 @@ def main(args: argparse.Namespace) -> int:
         models[name] = build_learner(config, image_shape, device, dtype)
         described[name] = {"checkpoint": None, "method": "scratch", "seed": args.seed}
 
-    rows = evaluate_models(models, data.test, base, show_progress=base.progress and sys.stderr.isatty())
+    rows = evaluate_models(models, data.test, base, show_progress=base.progress)
     print(format_table(rows, f"few-shot accuracy (%) on {data.test.summary()}"))
     if args.json:
         run_files.write_json(args.json, {"data": data.description, "test": data.test.summary(), "models": described,

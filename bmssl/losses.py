@@ -10,6 +10,7 @@ twice, and trace under torch.compile.
 import torch
 
 from bmssl.ops.ntxent import ntxent
+from bmssl.validate import check_integer_labels
 
 
 class NTXentLoss(torch.nn.Module):
@@ -33,6 +34,9 @@ class NTXentLoss(torch.nn.Module):
                              f"{getattr(out0, 'shape', type(out0))} and {getattr(out1, 'shape', type(out1))}")
         if out0.dim() != 2:
             raise ValueError(f"NTXentLoss: out0 and out1 must be [N, d], got {tuple(out0.shape)}")
+        if out0.dtype != out1.dtype or out0.device != out1.device:
+            raise ValueError(f"NTXentLoss: out0 is {out0.dtype} on {out0.device} but out1 is {out1.dtype} on "
+                             f"{out1.device}")
         views = torch.stack([out0, out1], dim=1)  # [N, 2, d]: image j's two views share label j
         z = views.reshape(-1, views.shape[-1])
         labels = torch.arange(out0.shape[0], device=out0.device).repeat_interleave(2)
@@ -63,11 +67,14 @@ class SupConLoss(torch.nn.Module):
             raise ValueError(f"SupConLoss: features must be [bsz, n_views, d], got "
                              f"{getattr(features, 'shape', type(features))}")
         batch, views, _ = features.shape
+        if features.numel() == 0:
+            raise ValueError(f"SupConLoss: empty features (shape {tuple(features.shape)})")
         if labels is None:
             labels = torch.arange(batch, device=features.device)
-        elif labels.shape != (batch,):
-            raise ValueError(f"SupConLoss: labels must be [bsz] = [{batch}], got {tuple(labels.shape)}")
         else:
+            check_integer_labels("SupConLoss", "labels", labels)
+            if labels.shape != (batch,):
+                raise ValueError(f"SupConLoss: labels must be [bsz] = [{batch}], got {tuple(labels.shape)}")
             labels = torch.unique(labels, return_inverse=True)[1]  # any integers -> [0, #classes)
         z = features.reshape(batch * views, -1)
         loss = ntxent(z, labels.repeat_interleave(views), self.temperature, "out", normalize=False,
@@ -90,9 +97,9 @@ class PairwiseNTXentLoss(torch.nn.Module):
         self.temperature, self.variant, self.backend = temperature, variant, backend
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
-            raise ValueError(f"PairwiseNTXentLoss: labels must be a 1-D tensor, got "
-                             f"{getattr(labels, 'shape', type(labels))}")
+        check_integer_labels("PairwiseNTXentLoss", "labels", labels)
+        if labels.dim() != 1:
+            raise ValueError(f"PairwiseNTXentLoss: labels must be a 1-D tensor, got shape {tuple(labels.shape)}")
         labels = torch.unique(labels, return_inverse=True)[1]
         return ntxent(embeddings, labels, self.temperature, self.variant, normalize=True,
                       backend=self.backend)

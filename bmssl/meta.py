@@ -569,8 +569,16 @@ class MetaLearner:
         grad_norm = torch.nn.utils.clip_grad_norm_(list(parameters.values()), max_norm).item()
         if not math.isfinite(grad_norm):
             raise FloatingPointError(f"{where}: the meta-gradient norm is {grad_norm}")
-        self.optimizer.step()
+        try:
+            self.optimizer.step()
+        except RuntimeError as error:  # an lr so large that Adam's step size overflows the dtype
+            if "overflow" not in str(error):
+                raise
+            raise FloatingPointError(f"{where}: Adam's update overflowed ({error}); lower outer_lr") from None
         self.optimizer.zero_grad(set_to_none=True)
+        theta = list(parameters.values())
+        if not torch.stack(torch._foreach_norm(theta)).isfinite().all():  # one reduction, one sync
+            raise FloatingPointError(f"{where}: θ is not finite after the Adam update; lower outer_lr")
         self.scheduler.step()
         self.steps_done += 1
         return {"step": self.steps_done, "outer_loss": loss_value, **aux, "grad_norm": grad_norm, "lr": lr,

@@ -1,4 +1,5 @@
-"""Progress bars: tqdm when it is installed, else a plain line per step on stderr."""
+"""Progress bars: tqdm on a terminal; elsewhere (a log file, a pipe, or without tqdm) a plain
+line on stderr at most every PLAIN_EVERY_S seconds, and one at the end."""
 import sys
 import time
 
@@ -7,22 +8,32 @@ try:
 except ImportError:
     _tqdm = None
 
+PLAIN_EVERY_S = 10.0
 
-def progress(iterable, desc="", total=None, disable=False):
-    if _tqdm is not None:
+
+def progress(iterable, desc="", total=None, disable=False, plain=None):
+    """Iterate over `iterable` with a bar. plain: force (True) or forbid (False) the plain lines;
+    by default they are used when stderr is not a terminal or tqdm is missing."""
+    if plain is None:
+        plain = _tqdm is None or not sys.stderr.isatty()
+    if not plain:
         return _tqdm(iterable, desc=desc, total=total, disable=disable, dynamic_ncols=True)
     return _plain(iterable, desc, total, disable)
 
 
 def _plain(iterable, desc, total, disable):
     total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
-    start = time.perf_counter()
+    start = last = time.perf_counter()
+    index = 0
     for index, item in enumerate(iterable, 1):
         yield item
-        if not disable:
-            elapsed = time.perf_counter() - start
-            eta = f", eta {elapsed / index * (total - index):.0f}s" if total else ""
-            print(f"{desc}: {index}/{total or '?'} ({index / elapsed:.2f}/s{eta})", file=sys.stderr)
+        now = time.perf_counter()
+        if disable or (now - last < PLAIN_EVERY_S and index != total):
+            continue
+        last, elapsed = now, now - start
+        eta = f", eta {elapsed / index * (total - index):.0f}s" if total else ""
+        rate = f"{index / elapsed:.2f}/s" if elapsed > 0 else "-"
+        print(f"{desc}: {index}/{total or '?'} ({rate}{eta})", file=sys.stderr, flush=True)
 
 
 class StepBar:

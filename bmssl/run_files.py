@@ -42,6 +42,29 @@ def atomic_write(path, write) -> Path:
     return path
 
 
+def writable_directory(path, what: str) -> Path:
+    """Check, before any long work whose results go to the directory `path`, that it can be
+    made (if missing) and written, without creating anything: a ValueError naming `what` (the
+    flag, e.g. "--out") and the reason otherwise."""
+    path = Path(path).expanduser()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # a dangling link
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        kind = "is a file" if existing == path else f"lies under the file {existing}"
+        raise ValueError(f"{what} {path} {kind}, not a directory")
+    try:  # a probe file, removed at once (os.access would say yes to root on a read-only mount)
+        descriptor, probe = tempfile.mkstemp(dir=existing, prefix=".bmssl-write-test.")
+        os.close(descriptor)
+        os.unlink(probe)
+    except OSError as error:
+        where = "" if existing == path else f" (in {existing})"
+        raise ValueError(f"{what} {path}: cannot write there{where}: {error.strerror or error}") from None
+    return path
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -40,6 +40,7 @@ import math
 import os
 import platform
 import re
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -52,6 +53,7 @@ import torch.distributed as dist
 import bmssl
 from bmssl import run_files, validate
 from bmssl.augment import AugmentConfig
+from bmssl.interrupt import StopRequests
 from bmssl.meta import (CONTRASTIVE_VIEWS, METHODS, SCHEDULES, TARGET_DATA, TASK_BATCHING, VARIANTS, MetaConfig,
                         MetaLearner)
 from bmssl.models import BACKBONES, HEADS, NORMS, build_backbone
@@ -480,13 +482,14 @@ class World:
 
         return loss
 
-    def agree(self, value: float) -> float:
-        """The max over ranks of `value` (so every rank takes the same branch)."""
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """Whether `flag` holds on any rank (so that every rank takes the same branch); one
+        all_reduce of a scalar on `device` (nccl needs a CUDA tensor)."""
         if self.size == 1:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64)
+            return bool(flag)
+        tensor = torch.tensor([float(flag)], device=device)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return float(tensor)
+        return bool(tensor.item())
 
     def close(self):
         """Leave the job: wait for every rank (rank 0 may still be writing results), then tear the
@@ -528,6 +531,8 @@ class Run:
             self.learner.simclr_ntxent = world.simclr_ntxent(config.tasks // world.size * ways)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.history, self.evaluation, self.step = [], [], 0
+        self.saved_step = 0  # the step of the checkpoint on disk
+        self.stop_signal = None  # the signal that interrupted the loop, if one did
         self.plotted_at = time.monotonic()
 
     def data_record(self) -> dict:
@@ -543,7 +548,7 @@ class Run:
                              "resume with the data of the original run")
         self.learner.load_state_dict(state["learner"])
         self.generator.set_state(state["generator"].to(torch.uint8))
-        self.step = int(state["step"])
+        self.step = self.saved_step = int(state["step"])
         self.history = [row for row in state["history"] if row["step"] <= self.step]
         if self.learner.steps_done != self.step:
             raise ValueError(f"checkpoint {state['path']} is inconsistent: step {self.step} but the learner "
@@ -557,6 +562,7 @@ class Run:
                                   learner_state=self.learner.state_dict(), generator_state=self.generator.get_state(),
                                   config=self.config.to_dict(), history=self.history, data=self.data_record(),
                                   extra={"world_size": self.world.size, "bmssl_version": bmssl.__version__})
+        self.saved_step = self.step
         self.write_results(status, plot=final)
 
     def write_results(self, status: str, error: str | None = None, plot: bool = True):
@@ -609,9 +615,15 @@ def train(config: TrainConfig, run_dir=None, resume=None, overrides: dict | None
     if config.schedule_steps is None:  # fixed now, so that a later --steps keeps the schedule
         config = replace(config, schedule_steps=max(config.steps, config.warmup_steps, 1))
     run_dir = Path(run_dir).expanduser()
-    if state is None and (run_dir / run_files.CHECKPOINT_NAME).exists():
-        raise ValueError(f"{run_dir} already holds a run ({run_files.CHECKPOINT_NAME}); continue it with "
-                         f"--resume {run_dir}, or choose another --out")
+    existing = run_dir / run_files.CHECKPOINT_NAME
+    if existing.exists():
+        if state is None:
+            raise ValueError(f"{run_dir} already holds a run ({run_files.CHECKPOINT_NAME}); continue it with "
+                             f"--resume {run_dir}, or choose another --out")
+        if existing.resolve() != Path(state["path"]).resolve():
+            raise ValueError(f"--out {run_dir} already holds another run than the one resumed ({state['path']}); "
+                             "continuing there would overwrite it: choose another --out")
+    run_files.writable_directory(run_dir, "--out")
     if config.threads:
         torch.set_num_threads(config.threads)
     world = World.from_environment(config.device)
@@ -668,56 +680,75 @@ def _train(config: TrainConfig, run_dir: Path, state, world: World, show_progres
     if config.stop_after is not None:
         target = min(target, run.step + config.stop_after)
     status = _loop(run, target, show_progress)
-    if run.step >= config.steps or config.method == "scratch":
+    if status != "interrupted" and (run.step >= config.steps or config.method == "scratch"):
         status = "finished"
     run.save(status, final=True)
     if status == "finished" and config.eval:
         if world.is_main:
             from bmssl.evaluation_cli import evaluate_models, format_table
 
-            rows = evaluate_models({config.method: run.learner}, run.data.test, config,
-                                   show_progress=config.progress and sys.stderr.isatty())
+            try:
+                rows = evaluate_models({config.method: run.learner}, run.data.test, config,
+                                       show_progress=config.progress)
+            except FloatingPointError as error:
+                run.write_results(status, f"evaluation failed: {error}", plot=False)
+                raise
             run.evaluation = rows
             print(format_table(rows, f"few-shot accuracy (%) on {run.data.test.summary()}"), flush=True)
             run.write_results(status, plot=False)
     wall = time.perf_counter() - started
     _log(world, f"{status} at step {run.step} in {wall:.1f}s: {run_dir / run_files.RESULTS_NAME}")
     return {"status": status, "step": run.step, "history": run.history, "eval": run.evaluation,
-            "config": config.to_dict(), "run_dir": str(run_dir)}
+            "config": config.to_dict(), "run_dir": str(run_dir), "signal": run.stop_signal}
 
 
 def _loop(run: Run, target: int, show_progress) -> str:
+    """Steps until `target`: "stopped", or "interrupted" after SIGINT / SIGTERM (the step in
+    progress finishes first; run.stop_signal names the signal). A second signal aborts the step:
+    results.json then says "interrupted" with the step of the last checkpoint."""
     config, world = run.config, run.world
     if run.step >= target:
         return "stopped"
     enabled = config.progress if show_progress is None else show_progress
     bar = StepBar(total=config.steps, initial=run.step, desc=config.method, disable=not (enabled and world.is_main),
                   every=config.log_every)
-    last_saved = run.step
+    stop = StopRequests("stopping after the step in progress, then checkpointing; again to abort at once")
     try:
-        while run.step < target:
-            batch = run.next_batch()
-            try:
-                metrics = run.learner.step(batch)
-            except FloatingPointError as error:
-                message = (f"{error}. The last checkpoint is step {last_saved} in "
-                           f"{run.run_dir / run_files.CHECKPOINT_NAME}; lower --outer-lr or --inner-lr, or set "
-                           "--clip-grad-norm, and start again")
-                run.write_results("failed", message)
-                raise FloatingPointError(message) from None
-            run.step += 1
-            run.history.append({key: float(value) if key != "step" else int(value) for key, value in metrics.items()})
-            shown = {"loss": metrics["outer_loss"]}
-            if "query_accuracy" in metrics:
-                shown["acc"] = metrics["query_accuracy"]
-            shown["lr"] = metrics["lr"]
-            bar.update(**shown)
-            if run.step % config.checkpoint_every == 0 and run.step < target:
-                run.save("running")
-                last_saved = run.step
+        with stop:
+            while run.step < target:
+                _step(run, bar)
+                if world.any(stop.requested, run.device):
+                    run.stop_signal = stop.signal
+                    return "interrupted"
+                if run.step % config.checkpoint_every == 0 and run.step < target:
+                    run.save("running")
+    except KeyboardInterrupt:
+        run.write_results("interrupted", f"aborted during step {run.step + 1}; {run_files.CHECKPOINT_NAME} holds "
+                                         f"step {run.saved_step}: --resume continues from there")
+        raise
     finally:
         bar.close()
     return "stopped"
+
+
+def _step(run: Run, bar: StepBar) -> None:
+    """One outer step, its metrics in run.history and on the bar."""
+    batch = run.next_batch()
+    try:
+        metrics = run.learner.step(batch)
+    except FloatingPointError as error:
+        message = (f"{error}. The last checkpoint is step {run.saved_step} in "
+                   f"{run.run_dir / run_files.CHECKPOINT_NAME}; lower --outer-lr or --inner-lr, or set "
+                   "--clip-grad-norm, and start again")
+        run.write_results("failed", message)
+        raise FloatingPointError(message) from None
+    run.step += 1
+    run.history.append({key: float(value) if key != "step" else int(value) for key, value in metrics.items()})
+    shown = {"loss": metrics["outer_loss"]}
+    if "query_accuracy" in metrics:
+        shown["acc"] = metrics["query_accuracy"]
+    shown["lr"] = metrics["lr"]
+    bar.update(**shown)
 
 
 def check_eval_feasible(config: TrainConfig, test) -> None:
@@ -869,8 +900,11 @@ def main(args: argparse.Namespace) -> int:
     resume = getattr(args, "resume", None)
     out = getattr(args, "out", None)
     if resume is None:
-        config = TrainConfig(**overrides)
-        train(config, out)
+        result = train(TrainConfig(**overrides), out)
     else:
-        train(TrainConfig(), out, resume=resume, overrides=overrides)
+        result = train(TrainConfig(), out, resume=resume, overrides=overrides)
+    if result["status"] == "interrupted":
+        print(f"bmssl train: interrupted by {signal.Signals(result['signal']).name} at step {result['step']}, "
+              f"checkpointed; continue with --resume {result['run_dir']}", file=sys.stderr)
+        return 128 + int(result["signal"])
     return 0

@@ -25,12 +25,44 @@ def check_temperature(op: str, temperature) -> float:
         if temperature.numel() != 1:
             raise ValueError(f"{op}: temperature must be a number, got a tensor of shape "
                              f"{tuple(temperature.shape)}")
-        temperature = temperature.item()
+        temperature = temperature.detach().item()
     if not isinstance(temperature, numbers.Real) or isinstance(temperature, bool):
         raise ValueError(f"{op}: temperature must be a number, got {type(temperature).__name__}")
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"{op}: temperature must be finite and > 0, got {temperature}")
     return float(temperature)
+
+
+def check_constant_temperature(op: str, temperature) -> None:
+    """For ops whose temperature is a constant of the kernel: a tensor that requires grad would
+    silently get no gradient, so it is refused."""
+    if isinstance(temperature, torch.Tensor) and temperature.requires_grad:
+        raise ValueError(f"{op}: the temperature is a constant here and would get no gradient; pass a number "
+                         "or a tensor that does not require grad")
+
+
+def check_integer_labels(op: str, name: str, labels) -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"{op}: {name} must be an integer tensor, got {labels.dtype}")
+
+
+def check_views(views) -> None:
+    """views [N, M, d] or [T, N, M, d] (ntxent_views)."""
+    op = "ntxent_views"
+    check_float_input(op, "views", views, (3, 4), "[N, M, d] or [T, N, M, d]")
+    if views.shape[-2] < 2:
+        raise ValueError(f"{op}: each image needs M >= 2 views to have a positive, got M = {views.shape[-2]}")
+
+
+def check_float_input(op: str, name: str, x, ranks: tuple, layout: str) -> None:
+    """A non-empty float tensor with one of `ranks` dims (`layout` names them)."""
+    check_float_tensor(op, name, x)
+    if x.dim() not in ranks:
+        raise ValueError(f"{op}: {name} must be {layout}, got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"{op}: empty batch ({name} has shape {tuple(x.shape)})")
 
 
 def check_float_tensor(op: str, name: str, x) -> None:
@@ -61,30 +93,24 @@ def check_kl_bootstrap(student, target, temperature, reduction) -> float:
     if student.numel() == 0:
         raise ValueError(f"{op}: empty batch (shape {tuple(student.shape)})")
     check_choice(op, "reduction", reduction, REDUCTIONS)
+    check_constant_temperature(op, temperature)
     return check_temperature(op, temperature)
 
 
 def check_ntxent(z, labels, temperature, variant) -> float:
     """z [B, d] or [T, B, d]; labels [B] or [T, B], integers in [0, B), each with a positive."""
     op = "ntxent"
-    check_float_tensor(op, "z", z)
-    if z.dim() not in (2, 3):
-        raise ValueError(f"{op}: z must be [B, d] or [T, B, d], got shape {tuple(z.shape)}")
-    if z.numel() == 0:
-        raise ValueError(f"{op}: empty batch (z has shape {tuple(z.shape)})")
-    if not isinstance(labels, torch.Tensor):
-        raise ValueError(f"{op}: labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise ValueError(f"{op}: labels must be an integer tensor, got {labels.dtype}")
+    check_float_input(op, "z", z, (2, 3), "[B, d] or [T, B, d]")
+    check_integer_labels(op, "labels", labels)
     if labels.shape != z.shape[:-1]:
         raise ValueError(f"{op}: labels {tuple(labels.shape)} must match z's leading dims "
                          f"{tuple(z.shape[:-1])}")
     if labels.device != z.device:
         raise ValueError(f"{op}: z is on {z.device} but labels are on {labels.device}")
     check_choice(op, "variant", variant, VARIANTS)
-    if not values_readable():
+    if not values_readable() or z.device.type == "meta":
         # compiled or captured: the kernels check the labels instead (RuntimeError from the op:
-        # labels out of range, or an anchor with no positive)
+        # labels out of range, or an anchor with no positive); meta tensors have no values
         return check_temperature(op, temperature)
     batch = z.shape[-2]
     low, high = int(labels.min()), int(labels.max())
@@ -115,16 +141,19 @@ def check_ntxent_rect(z_rows, z_cols, labels_rows, labels_cols, row_offset, temp
         raise ValueError(f"{op}: z_rows and z_cols must share dtype and device")
     if z_rows.numel() == 0:
         raise ValueError(f"{op}: empty batch")
+    if isinstance(row_offset, bool) or not isinstance(row_offset, numbers.Integral):
+        raise ValueError(f"{op}: row_offset must be an integer, got {row_offset!r}")
     if not 0 <= row_offset <= z_cols.shape[0] - z_rows.shape[0]:
         raise ValueError(f"{op}: row_offset {row_offset} does not place {z_rows.shape[0]} rows inside "
                          f"{z_cols.shape[0]} columns")
     for name, labels, size in (("labels_rows", labels_rows, z_rows.shape[0]), ("labels_cols", labels_cols, z_cols.shape[0])):
-        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.shape != (size,):
-            raise ValueError(f"{op}: {name} must be an integer tensor of shape ({size},)")
+        check_integer_labels(op, name, labels)
+        if labels.shape != (size,):
+            raise ValueError(f"{op}: {name} must have shape ({size},), got {tuple(labels.shape)}")
         if labels.device != z_rows.device:
             raise ValueError(f"{op}: {name} are on {labels.device}, z on {z_rows.device}")
     check_choice(op, "variant", variant, VARIANTS)
-    if values_readable():
+    if values_readable() and z_rows.device.type != "meta":
         columns = z_cols.shape[0]
         if int(labels_cols.min()) < 0 or int(labels_cols.max()) >= columns:
             raise ValueError(f"{op}: labels must lie in [0, N) = [0, {columns})")
@@ -134,6 +163,9 @@ def check_ntxent_rect(z_rows, z_cols, labels_rows, labels_cols, row_offset, temp
         lonely = (counts[labels_rows.long()] < 2).nonzero()
         if lonely.numel():
             raise ValueError(f"{op}: row {int(lonely[0])} has no positive among the columns")
+        if not torch.equal(z_cols[row_offset:row_offset + z_rows.shape[0]], z_rows):
+            raise ValueError(f"{op}: z_rows must equal z_cols[row_offset:row_offset + R] (the anchors are "
+                             "columns too; bmssl.distributed.ntxent_gathered builds them so)")
     return check_temperature(op, temperature)
 
 

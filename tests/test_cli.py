@@ -64,3 +64,50 @@ def test_bench_on_an_absent_gpu_is_a_usage_error():
 def test_unknown_command_fails_clearly():
     out = run("fly")
     assert out.returncode != 0 and "invalid choice" in out.stderr
+
+
+def test_bench_quick_keeps_the_flags_given_with_it(tmp_path):
+    out = run("bench", "ntxent", "--quick", "--batches", "64", "--views", "4", "--repeats", "2",
+              "--providers", "torch", "--out", str(tmp_path / "nt.v1"))
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "nt.v1.json").read_text())  # the dot in the prefix is kept
+    assert {json.loads(r["params"])["B"] for r in rows} == {64}
+    assert {json.loads(r["params"])["M"] for r in rows} == {4} and {r["provider"] for r in rows} == {"torch"}
+    assert (tmp_path / "nt.v1.csv").exists() and not (tmp_path / "nt.csv").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--batches", "0"], "--batches must be >= 1"),
+    (["--providers", "bogus"], "--providers: unknown bogus"),
+])
+def test_bench_refuses_bad_flags_before_the_sweep(tmp_path, flags, message):
+    out = run("bench", "ntxent", "--quick", *flags, "--out", str(tmp_path / "nt"))
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "nt.csv").exists()
+
+
+def test_bench_refuses_an_unwritable_out_before_the_sweep(tmp_path):
+    (tmp_path / "file").write_text("x")
+    out = run("bench", "kl_bootstrap", "--quick", "--out", str(tmp_path / "file" / "kl"))
+    assert out.returncode == 2 and "the folder of --out" in out.stderr and "Traceback" not in out.stderr
+    assert "kl_bootstrap" not in out.stdout  # no summary table: nothing was measured
+
+
+def test_bench_rewrites_its_results_after_every_point(tmp_path, monkeypatch):
+    """A sweep stopped part-way keeps the points it measured: the files exist, complete, after
+    the first point."""
+    from bmssl.bench import common, ntxent
+
+    seen = []
+    original = common.write
+
+    def spy(rows, prefix):
+        paths = original(rows, prefix)
+        seen.append(len(json.loads(paths[1].read_text())))
+        return paths
+
+    monkeypatch.setattr(common, "write", spy)
+    ntxent.run(__import__("torch").device("cpu"), [32, 64], [8], [2], ["fp32"], "in", False, 2, memory=False,
+               show_progress=False, only=["torch"], out=tmp_path / "nt")
+    assert len(seen) == 2 and 0 < seen[0] < seen[1]

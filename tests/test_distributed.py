@@ -74,11 +74,19 @@ def test_rect_raw_op_is_differentiable():
             (u_rows, u_cols))
 
 
+Z6 = torch.randn(6, 4)
+
+
 @pytest.mark.parametrize("args, message", [
     ((torch.randn(3, 4), torch.randn(6, 5), torch.zeros(3, dtype=torch.long), torch.zeros(6, dtype=torch.long), 0), "share d"),
     ((torch.randn(3, 4), torch.randn(6, 4), torch.zeros(3, dtype=torch.long), torch.zeros(6, dtype=torch.long), 4), "row_offset"),
     ((torch.randn(3, 4), torch.randn(6, 4), torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2, 3, 4, 5]), 0), "no positive"),
     ((torch.randn(3, 4), torch.randn(6, 4), torch.tensor([1, 1, 2]), torch.tensor([0, 1, 2, 0, 1, 2]), 0), "must equal"),
+    ((torch.randn(3, 4), torch.randn(6, 4), torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2, 0, 1, 2]), 0),
+     r"z_rows must equal z_cols\[row_offset:row_offset \+ R\]"),
+    ((Z6[:3], Z6, torch.tensor([True, False, True]), torch.tensor([True, False, True] * 2), 0), "integer tensor"),
+    ((Z6[:3], Z6, torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2, 0, 1, 2]), 0.0), "row_offset must be an integer"),
+    ((Z6[:3], Z6, torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2, 0, 1, 2]), True), "row_offset must be an integer"),
 ])
 def test_rect_bad_input(args, message):
     with pytest.raises(ValueError, match=message):
@@ -130,3 +138,25 @@ def test_without_a_process_group_it_is_the_plain_loss():
     z, labels = torch.randn(8, 3), torch.tensor([4, 4, 9, 9, 1, 1, 6, 6])
     torch.testing.assert_close(bmssl.distributed.ntxent_gathered(z, labels, 0.2),
                                bmssl.ntxent(z, torch.unique(labels, return_inverse=True)[1], 0.2))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_rect_learnable_temperature_gets_its_gradient(backend):
+    """A temperature tensor that requires grad (CLIP-style) reaches autograd: d loss / d T equals
+    that of the plain formula with T in the graph."""
+    z_cols = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
+    labels = torch.arange(8) % 4
+    tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    loss = bmssl.ops.ntxent_rect(z_cols[2:6], z_cols, labels[2:6], labels, 2, tau, backend=backend)
+    got = torch.autograd.grad(loss, (tau, z_cols))
+    u = F.normalize(z_cols, dim=-1)
+    sim = u[2:6] @ u.T / tau
+    self_mask = torch.zeros(4, 8, dtype=torch.bool)
+    self_mask[torch.arange(4), torch.arange(4) + 2] = True
+    positive = (labels[2:6, None] == labels[None]) & ~self_mask
+    expected_loss = (torch.logsumexp(sim.masked_fill(self_mask, -torch.inf), 1)
+                     - torch.logsumexp(sim.masked_fill(~positive, -torch.inf), 1)).mean()
+    expected = torch.autograd.grad(expected_loss, (tau, z_cols))
+    torch.testing.assert_close(loss, expected_loss)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)

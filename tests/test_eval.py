@@ -127,3 +127,16 @@ def test_bad_arguments_raise_value_errors():
         evaluate(model, (images * 255).to(torch.uint8), labels, ways=2, queries=5)
     with pytest.raises(ValueError, match="MetaLearner or a FewShotModel"):
         evaluate(nn.Linear(2, 2), images, labels)
+
+
+def test_non_finite_scores_raise_instead_of_reading_as_chance():
+    """argmax over NaN picks class 0, which looks like 1/ways accuracy: evaluate must raise."""
+    images, labels = clusters(classes=4, per_class=10)
+    with pytest.raises(FloatingPointError, match="finetune.*not finite.*lower the finetune learning rate"):
+        evaluate(conv_model(), images, labels, "finetune", ways=2, shots=1, queries=3, episodes=2,
+                 inner_steps=3, inner_lr=1e300, show_progress=False)
+    model = conv_model()
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="proto: the features of θ are not finite"):
+        evaluate(model, images, labels, "proto", ways=2, shots=1, queries=3, episodes=2, show_progress=False)

@@ -220,6 +220,9 @@ def test_vmap_unbatched_target():
     (lambda: bmssl.kl_bootstrap(torch.ones(3, 4, dtype=torch.long), torch.ones(3, 4, dtype=torch.long)), "float"),
     (lambda: bmssl.kl_bootstrap(torch.randn(3, 4), torch.randn(3, 4), reduction="avg"), "reduction"),
     (lambda: bmssl.kl_bootstrap(torch.randn(3, 4), [1.0, 2.0]), "torch.Tensor"),
+    # a learnable temperature would get no gradient (the target's softmax is a constant): refused
+    (lambda: bmssl.kl_bootstrap(torch.randn(3, 4), torch.randn(3, 4), torch.tensor(2.0, requires_grad=True)),
+     "constant here and would get no gradient"),
 ])
 def test_bad_input_raises_value_error(bad, message):
     with pytest.raises(ValueError, match=message):

@@ -118,6 +118,12 @@ def test_drop_ins_compile_without_graph_breaks():
     (lambda: SupConLoss(), (torch.randn(4, 8),), r"\[bsz, n_views, d\]"),
     (lambda: SupConLoss(), (torch.randn(4, 2, 8), torch.tensor([0, 1, 2])), "labels must be"),
     (lambda: PairwiseNTXentLoss(), (torch.randn(4, 3), torch.tensor([0, 0, 1, 2])), "no positive"),
+    (lambda: PairwiseNTXentLoss(), (torch.randn(6, 3), torch.tensor([.1, .1, .2, .2, .3, .3])), "integer tensor"),
+    (lambda: SupConLoss(), (torch.randn(4, 2, 8), torch.tensor([0.5, 0.5, 1.2, 7.7])), "integer tensor"),
+    (lambda: SupConLoss(), (torch.randn(4, 2, 8), torch.tensor([True, False, True, False])), "integer tensor"),
+    (lambda: SupConLoss(), (torch.randn(4, 2, 8), [0, 0, 1, 1]), "must be a torch.Tensor"),
+    (lambda: SupConLoss(), (torch.randn(0, 2, 8),), "empty features"),
+    (lambda: NTXentLoss(0.5), (torch.randn(3, 4), torch.randn(3, 4).half()), "float32 on cpu but out1 is torch.float16"),
 ])
 def test_bad_input(make, args, message):
     with pytest.raises(ValueError, match=message):

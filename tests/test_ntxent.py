@@ -367,3 +367,49 @@ def test_gpu_tiles_cover_every_d_up_to_max_dim():
         assert limits == sorted(limits) and limits[-1] == MAX_DIM, key
         for _, block, warps, stages in rows:
             assert block >= 16 and block & (block - 1) == 0 and warps in (1, 2, 4, 8, 16) and stages >= 1, key
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_learnable_temperature_gets_its_gradient(backend, normalize):
+    """A temperature tensor that requires grad is not detached: loss, d/dT and d/dz equal the
+    plain formula's with T in the autograd graph (before, T was read with .item() and got no
+    gradient, silently). The Triton interpreter runs fp32, the others fp64."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    z = torch.randn(10, 6, dtype=dtype, requires_grad=True)
+    labels = torch.arange(5).repeat(2)
+    tau = torch.tensor(0.4, dtype=dtype, requires_grad=True)
+    loss = bmssl.ntxent(z, labels, tau, "in", normalize, backend=backend)
+    got = torch.autograd.grad(loss, (tau, z))
+    u = F.normalize(z, dim=-1) if normalize else z
+    sim = u @ u.T / tau
+    eye = torch.eye(10, dtype=torch.bool)
+    positive = (labels[:, None] == labels[None]) & ~eye
+    expected_loss = (torch.logsumexp(sim.masked_fill(eye, -torch.inf), 1)
+                     - torch.logsumexp(sim.masked_fill(~positive, -torch.inf), 1)).mean()
+    expected = torch.autograd.grad(expected_loss, (tau, z))
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else {}
+    torch.testing.assert_close(loss, expected_loss, **tolerance)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, **tolerance)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fp16_zero_rows_and_huge_rows_normalise_like_the_twin(backend):
+    """F.normalize in fp16 (eps 1e-12 rounds to 0) made a zero row 0/0 = NaN, and a row whose
+    norm passes 65504 (finite entries) inf, so u = 0; the norm is now taken in fp32."""
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    zero_row = torch.randn(6, 8).half()
+    zero_row[0] = 0
+    huge = (torch.randn(6, 16).clamp(-2, 2) * 2e4).half()
+    for z in (zero_row, huge):
+        got = bmssl.ntxent(z, labels, 0.1, backend=backend)
+        expected = reference.ntxent(z.double(), labels, 0.1)
+        assert torch.isfinite(got)
+        torch.testing.assert_close(got.double(), expected, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.triton_interpreter
+def test_triton_interpreter_refuses_bf16_rather_than_computing_it_wrongly():
+    with pytest.raises(bmssl.ops.BackendUnavailableError, match="interpreter computes ntxent in torch.bfloat16"):
+        bmssl.ntxent(torch.randn(6, 8).bfloat16(), torch.tensor([0, 0, 1, 1, 2, 2]), backend="triton")

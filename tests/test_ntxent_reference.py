@@ -167,7 +167,28 @@ Z, LAB = torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2])
     ((Z, LAB, 0.1, "both"), "variant"),
     ((Z[None].expand(2, 6, 4), torch.stack([LAB, torch.tensor([0, 1, 1, 2, 2, 3])])), "anchor 0 of task 1"),
     ((Z, LAB.to("meta")), "labels are on meta"),
+    ((Z, LAB.bool()), "integer"),
+    ((Z, LAB, float("nan")), "temperature"),
+    ((Z, LAB, torch.tensor([0.1, 0.2])), "temperature must be a number"),
 ])
 def test_bad_input_raises_value_error(args, message):
     with pytest.raises(ValueError, match=message):
         bmssl.ntxent(*args)
+
+
+@pytest.mark.parametrize("views, message", [
+    (torch.randn(4, 8), r"views must be \[N, M, d\] or \[T, N, M, d\]"),
+    (torch.randn(1, 1, 2, 3, 4), r"views must be \[N, M, d\]"),
+    ([[1.0, 2.0]], "views must be a torch.Tensor"),
+    (torch.randn(4, 1, 8), "M >= 2 views"),
+    (torch.randn(0, 2, 8), "empty batch"),
+    (torch.ones(4, 2, 8, dtype=torch.long), "views must be float16"),
+])
+def test_views_bad_input_names_views(views, message):
+    with pytest.raises(ValueError, match=message):
+        bmssl.ntxent_views(views)
+
+
+def test_meta_tensors_give_the_shape_without_reading_values():
+    loss = bmssl.ntxent(torch.randn(6, 4, device="meta"), LAB.to("meta"), backend="torch")
+    assert loss.device.type == "meta" and loss.shape == ()

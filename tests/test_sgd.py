@@ -130,6 +130,36 @@ def test_bad_input(params, grads, message):
         bmssl.ops.sgd_unroll_step(params, grads, 0.1)
 
 
+@pytest.mark.parametrize("lr, message", [
+    (float("nan"), "lr must be finite"),
+    (float("inf"), "lr must be finite"),
+    ("0.1", "lr must be a number, got str"),
+    (True, "lr must be a number, got bool"),
+    (None, "lr must be a number, got NoneType"),
+    (torch.tensor([0.1, 0.2]), "one-element float tensor"),
+    (torch.tensor(1), "one-element float tensor"),
+])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_lr(backend, lr, message):
+    with pytest.raises(ValueError, match=message):
+        bmssl.ops.sgd_unroll_step([torch.randn(3)], [torch.randn(3)], lr, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_learnable_lr_gets_its_gradient_to_second_order(backend):
+    """A tensor lr that requires grad: d out / d lr = -g and d² out / d lr d g = -1, on every
+    backend as on the twin (the fused ops take lr as a number, so this used to drop it)."""
+    lr = torch.tensor(0.1, requires_grad=True)
+    p, g = torch.randn(5, requires_grad=True), torch.randn(5, requires_grad=True)
+    out = bmssl.ops.sgd_unroll_step([p], [g], lr, backend=backend)[0]
+    torch.testing.assert_close(out, p - 0.1 * g)
+    d_lr, d_g = torch.autograd.grad(out.sum(), (lr, g), create_graph=True)
+    torch.testing.assert_close(d_lr, -g.sum())
+    torch.testing.assert_close(d_g, -lr.expand(5))
+    (mixed,) = torch.autograd.grad(d_lr, g)
+    torch.testing.assert_close(mixed, -torch.ones(5))
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
 def test_raw_op_is_differentiable(backend):
     """The registered op itself (not only bmssl.ops.sgd_unroll_step) carries the backward:

@@ -4,6 +4,7 @@ equal to one process. Runs use a tiny synthetic class-folder set (4 alphabets x 
 images, 16x16 grayscale) and a conv net of width 4: each run takes about a second."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -279,3 +280,82 @@ def test_help_lists_train_and_eval(capsys):
     for needle in ("--images-per-batch", "--target-steps", "--resume", "--eval-settings", "--kl-temperature",
                    "default: 40"):
         assert needle in out, needle
+
+
+def test_resume_into_another_runs_directory_is_refused(folder, tmp_path, capsys):
+    """--resume A --out B, where B holds a different run: continuing there would overwrite B."""
+    assert bmssl("train", "--data", folder, *TINY, "--steps", 2, "--out", tmp_path / "a", capsys=capsys)[0] == 0
+    assert bmssl("train", "--data", folder, *TINY, "--steps", 3, "--out", tmp_path / "b", capsys=capsys)[0] == 0
+    before = (tmp_path / "b" / "checkpoint.pt").read_bytes()
+    status, _, err = bmssl("train", "--resume", tmp_path / "a", "--out", tmp_path / "b", "--steps", 4, capsys=capsys)
+    assert status == 2 and "already holds another run" in err and "Traceback" not in err
+    assert (tmp_path / "b" / "checkpoint.pt").read_bytes() == before
+    # into its own directory (named either way) and into a fresh one it continues
+    assert bmssl("train", "--resume", tmp_path / "a" / "checkpoint.pt", "--out", tmp_path / "a", "--steps", 3,
+                 capsys=capsys)[0] == 0
+    assert bmssl("train", "--resume", tmp_path / "a", "--out", tmp_path / "c", "--steps", 4, capsys=capsys)[0] == 0
+    assert results(tmp_path / "a")["step"] == 3 and results(tmp_path / "c")["step"] == 4
+
+
+def test_an_unwritable_out_is_one_line_before_any_work(folder, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for out, message in ((tmp_path / "file", "is a file, not a directory"),
+                         (tmp_path / "file" / "run", "lies under the file")):
+        status, _, err = bmssl("train", "--data", folder, *TINY, "--steps", 2, "--out", out, capsys=capsys)
+        assert status == 2 and message in err and "Traceback" not in err, err
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        status, _, err = bmssl("train", "--data", folder, *TINY, "--steps", 2, "--out", locked / "run", capsys=capsys)
+        assert status == 2 and "cannot write there" in err
+    status, out, err = bmssl("eval", "--method", "scratch", "--data", folder, *TINY[:4], "--settings", "2w1s",
+                             "--episodes", 2, "--queries", 3, "--json", tmp_path / "file" / "eval.json", capsys=capsys)
+    assert status == 2 and "--json" in err and "is a file, not a directory" in err
+    assert "few-shot accuracy" not in out  # refused before evaluating
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_after_the_step_checkpoints_and_resume_continues_exactly(folder, tmp_path, signum):
+    """SIGINT or SIGTERM mid-run (a real signal to a real process): the step in progress
+    finishes, the checkpoint and results.json say "interrupted" at that step, the exit status is
+    128 + the signal, and --resume then ends with the losses of an uninterrupted run."""
+    common = ["--data", folder, *TINY, "--checkpoint-every", 1000, "--log-every", 1]
+    whole = tmp_path / "whole"
+    assert bmssl("train", *common, "--steps", 30, "--out", whole)[0] == 0
+    run = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "bmssl", "train", *map(str, common), "--steps", "30",
+                                "--progress", "--out", str(run)], stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:  # wait for a few steps: "bmssl: 3/30, ..."
+        if line.startswith("bmssl: 3/30"):
+            break
+    process.send_signal(signum)
+    rest = process.stderr.read()
+    assert process.wait(timeout=120) == 128 + signum, rest
+    assert "interrupted by" in rest and f"--resume {run}" in rest
+    payload, saved = results(run), run_files.load_checkpoint(run)
+    assert payload["status"] == "interrupted" and 3 <= payload["step"] < 30
+    assert saved["step"] == payload["step"] and len(payload["history"]) == payload["step"]
+    assert bmssl("train", "--resume", run)[0] == 0
+    assert losses(run) == losses(whole)
+
+
+def test_eval_takes_its_own_defaults_not_the_training_runs_evaluation_settings(folder, tmp_path, capsys):
+    """`bmssl eval --help` shows defaults (600 episodes, 5w1s 5w5s, proto finetune, 15 queries);
+    a run trained with other --eval-settings / --episodes must not change what eval does."""
+    run = tmp_path / "run"
+    assert bmssl("train", "--data", folder, *TINY, "--steps", 1, "--episodes", 3, "--eval-settings", "3w1s",
+                 "--protocols", "proto", "--queries", 2, "--out", run, capsys=capsys)[0] == 0
+    status, out, err = bmssl("eval", "--checkpoint", run, "--settings", "2w1s", "--queries", 3, "--no-progress",
+                             capsys=capsys)
+    assert status == 0, err
+    assert "(600 episodes, 3 queries per class" in out and "proto" in out and "finetune" in out
+    assert "3w1s" not in out
+
+
+def test_non_finite_scores_in_eval_are_an_error_not_chance_accuracy(folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert bmssl("train", "--data", folder, *TINY, "--steps", 1, "--out", run, capsys=capsys)[0] == 0
+    status, out, err = bmssl("eval", "--checkpoint", run, "--settings", "2w1s", "--episodes", 2, "--queries", 3,
+                             "--protocols", "finetune", "--finetune-lr", 1e300, "--finetune-steps", 3,
+                             "--no-progress", capsys=capsys)
+    assert status == 2 and "not finite" in err and "finetune learning rate" in err and "±" not in out

@@ -182,13 +182,49 @@ def row(env, op, provider, mode, metric, params, value):
             "params": json.dumps(params, sort_keys=True), "value": value, **env}
 
 
+def output_paths(out_prefix):
+    """<out_prefix>.csv and <out_prefix>.json: the suffixes are appended (a prefix "res.v2" gives
+    "res.v2.csv", not "res.csv"); a prefix given as "res.csv" or "res.json" means "res"."""
+    out_prefix = Path(out_prefix).expanduser()
+    if out_prefix.suffix in (".csv", ".json"):
+        out_prefix = out_prefix.with_suffix("")
+    return out_prefix.with_name(out_prefix.name + ".csv"), out_prefix.with_name(out_prefix.name + ".json")
+
+
+def check_arguments(parser, args, counts, known_providers):
+    """A benchmark's flags, checked before the sweep: each flag in `counts` (names of int or
+    list-of-int arguments) must be >= 1, --providers must name known providers, and --out's folder
+    must be writable. Errors are the parser's usage errors."""
+    from bmssl import run_files
+
+    for name in counts:
+        value = getattr(args, name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if value is not None and any(v < 1 for v in values):
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {' '.join(map(str, values))}")
+    unknown = [p for p in (getattr(args, "providers", None) or []) if p not in known_providers]
+    if unknown:
+        parser.error(f"--providers: unknown {' '.join(unknown)}; known: {' '.join(known_providers)}")
+    try:
+        run_files.writable_directory(output_paths(args.out)[0].parent, "the folder of --out")
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def known_providers(extra=()):
+    """Every provider name a benchmark knows (whether or not it can run here)."""
+    from bmssl import backends
+
+    return ["torch", "torch_compile", *(f"bmssl-{name}" for name in backends.BACKENDS if name != "torch"),
+            *extra]
+
+
 def write(rows, out_prefix):
     """Write rows to <out_prefix>.csv and <out_prefix>.json, each atomically (a temporary file
     renamed over the old one): a sweep that rewrites them after every point never leaves a
     half-written file. Returns the two paths."""
-    out_prefix = Path(out_prefix)
-    out_prefix.parent.mkdir(parents=True, exist_ok=True)
-    csv_path, json_path = out_prefix.with_suffix(".csv"), out_prefix.with_suffix(".json")
+    csv_path, json_path = output_paths(out_prefix)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
     csv_text = io.StringIO()
     writer = csv.DictWriter(csv_text, fieldnames=FIELDS)
     writer.writeheader()

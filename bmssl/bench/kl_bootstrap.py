@@ -41,7 +41,8 @@ def measure(provider, rows, classes, dtype, device, temperature=1.0, repeats=20)
     return common.time_modes(loss_fn(provider, temperature), (student, target), device, repeats)
 
 
-def run(device, rows_list, classes_list, dtypes, with_compile, repeats, show_progress=True):
+def run(device, rows_list, classes_list, dtypes, with_compile, repeats, show_progress=True, out=None):
+    """The sweep's rows; with `out`, <out>.csv and .json are rewritten after every point."""
     env = common.environment(device)
     grid = [(r, c, d, p) for r, c, d in itertools.product(rows_list, classes_list, dtypes)
             for p in providers(device, DTYPES[d], with_compile)]
@@ -52,6 +53,8 @@ def run(device, rows_list, classes_list, dtypes, with_compile, repeats, show_pro
         for mode, stats in timings.items():
             for metric, value in stats.items():
                 results.append(common.row(env, "kl_bootstrap", provider, mode, metric, params, value))
+        if out is not None:
+            common.write(results, out)
     return results
 
 
@@ -78,7 +81,7 @@ def add_arguments(parser):
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", default="bench/results/kl_bootstrap",
-                        help="prefix of the .csv and .json written")
+                        help="prefix of the .csv and .json, rewritten after every point")
 
 
 def main(args=None):
@@ -86,8 +89,9 @@ def main(args=None):
     add_arguments(parser)
     args = parser.parse_args(args) if not isinstance(args, argparse.Namespace) else args
     device = common.bench_device(args.device, parser)
+    common.check_arguments(parser, args, ("rows", "classes", "repeats"), common.known_providers())
     dtypes = args.dtypes or (["fp32"] if device.type == "cpu" else ["bf16", "fp32"])
-    results = run(device, args.rows, args.classes, dtypes, not args.no_compile, args.repeats)
+    results = run(device, args.rows, args.classes, dtypes, not args.no_compile, args.repeats, out=args.out)
     print(summary(results))
     for path in common.write(results, args.out):
         print(f"wrote {path}")

@@ -102,7 +102,9 @@ def memory_child(argv):
 
 
 def run(device, batches, dims, views_list, dtypes, variant, with_compile, repeats, memory=True,
-        show_progress=True, only=None):
+        show_progress=True, only=None, out=None):
+    """The sweep's rows; with `out`, <out>.csv and .json are rewritten after every point, so a
+    sweep stopped part-way keeps what it measured."""
     env = common.environment(device)
     said = set()
 
@@ -113,6 +115,9 @@ def run(device, batches, dims, views_list, dtypes, variant, with_compile, repeat
 
     grid = [(b, d, m, t, p) for b, d, m, t in itertools.product(batches, dims, views_list, dtypes)
             for p in providers(device, DTYPES[t], with_compile, m, d, say) if not only or p in only]
+    if not grid:
+        raise ValueError(f"nothing to run: none of the providers {' '.join(only or [])} can run these cases on "
+                         f"{device} (see the reasons above)")
     results = []
     for batch, dim, views, dtype_name, provider in progress(grid, desc="ntxent", disable=not show_progress):
         params = {"B": batch, "d": dim, "M": views, "dtype": dtype_name, "variant": variant}
@@ -132,6 +137,8 @@ def run(device, batches, dims, views_list, dtypes, variant, with_compile, repeat
         for mode, stats in timings.items():
             for metric, value in stats.items():
                 results.append(common.row(env, "ntxent", provider, mode, metric, params, value))
+        if out is not None:
+            common.write(results, out)
     return results
 
 
@@ -166,7 +173,8 @@ def add_arguments(parser):
     parser.add_argument("--providers", nargs="+", default=None,
                         help="run only these providers (e.g. torch_compile); default: all that can run")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out", default="bench/results/ntxent", help="prefix of the .csv and .json")
+    parser.add_argument("--out", default="bench/results/ntxent",
+                        help="prefix of the .csv and .json, rewritten after every point")
 
 
 def main(args=None):
@@ -174,10 +182,11 @@ def main(args=None):
     add_arguments(parser)
     args = parser.parse_args(args) if not isinstance(args, argparse.Namespace) else args
     device = common.bench_device(args.device, parser)
+    common.check_arguments(parser, args, ("batches", "dims", "views", "repeats"), common.known_providers(["inf-cl"]))
     batches = args.batches or ([1024, 4096, 8192] if device.type == "cpu" else [4096, 16384, 65536])
     dtypes = args.dtypes or (["fp32"] if device.type == "cpu" else ["bf16"])
     results = run(device, batches, args.dims, args.views, dtypes, args.variant, not args.no_compile,
-                  args.repeats, memory=not args.no_memory, only=args.providers)
+                  args.repeats, memory=not args.no_memory, only=args.providers, out=args.out)
     print(summary(results))
     for path in common.write(results, args.out):
         print(f"wrote {path}")

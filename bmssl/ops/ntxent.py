@@ -15,7 +15,7 @@ from bmssl import triton as bmssl_triton
 from bmssl.ops._autograd import register_no_derivative
 from bmssl.ops._vmap import fold_vmapped_dim
 from bmssl.reference.kl_bootstrap import accumulation_dtype
-from bmssl.validate import check_ntxent, check_ntxent_rect
+from bmssl.validate import check_ntxent, check_ntxent_rect, check_views
 
 
 def _triton_dim_reason(shape):
@@ -32,7 +32,8 @@ SUPPORT = backends.OpSupport(
     # the Triton kernels keep fp32 statistics, so fp64 input would lose its precision there;
     # the C++ CPU and CUDA kernels accumulate fp64 input in fp64
     backend_dtypes=(("triton", (torch.float16, torch.bfloat16, torch.float32)),),
-    shape_limits=(("triton", _triton_dim_reason),))  # past d = MAX_DIM auto takes the next backend
+    shape_limits=(("triton", _triton_dim_reason),),  # past d = MAX_DIM auto takes the next backend
+    interpreter_wrong_dtypes=(torch.bfloat16,))
 
 OPS = {}  # backend -> (forward, backward, double_backward)
 
@@ -156,16 +157,16 @@ def ntxent_rect(z_rows, z_cols, labels_rows, labels_cols, row_offset, temperatur
     row_offset + R - 1 of z_cols [N, d], against all N columns (for negatives gathered across
     ranks: see bmssl.distributed). labels_* integers in [0, N). Mean over the R anchors; the
     gradient reaches z_rows and z_cols. Once differentiable."""
-    temperature = check_ntxent_rect(z_rows, z_cols, labels_rows, labels_cols, row_offset, temperature, variant)
+    tau = check_ntxent_rect(z_rows, z_cols, labels_rows, labels_cols, row_offset, temperature, variant)
+    if learnable(temperature):
+        z_rows, z_cols = unit_rows(z_rows, normalize, temperature), unit_rows(z_cols, normalize, temperature)
+        normalize, tau = False, 1.0
     name = backends.choose(RECT_SUPPORT, z_rows.device, z_rows.dtype, backend)
     if name == "torch":
-        return reference.ntxent_rect(z_rows, z_cols, labels_rows, labels_cols, row_offset, temperature,
-                                     variant, normalize)
-    u_rows = F.normalize(z_rows, dim=-1) if normalize else z_rows
-    u_cols = F.normalize(z_cols, dim=-1) if normalize else z_cols
+        return reference.ntxent_rect(z_rows, z_cols, labels_rows, labels_cols, row_offset, tau, variant, normalize)
+    u_rows, u_cols = unit_rows(z_rows, normalize), unit_rows(z_cols, normalize)
     loss, _ = NTXentRect.apply(u_rows.contiguous(), u_cols.contiguous(), labels_rows.long().contiguous(),
-                               labels_cols.long().contiguous(), int(row_offset), 1.0 / temperature,
-                               variant, name)
+                               labels_cols.long().contiguous(), int(row_offset), 1.0 / tau, variant, name)
     return loss.to(z_rows.dtype)
 
 
@@ -276,21 +277,45 @@ def ntxent(z, labels, temperature=0.1, variant="in", normalize=True, backend=Non
     labels: [B] or [T, B] integers in [0, B); every label must occur at least twice.
     variant: "in" (SimCLR / paper eq. 1) or "out" (SupCon L_out). normalize: L2-normalise z
     first. Returns the mean over anchors (and tasks) in z's dtype, accumulated in fp32 (fp64 for
-    fp64). backend: see bmssl.backends (default: BMSSL_BACKEND or "auto")."""
-    temperature = check_ntxent(z, labels, temperature, variant)
+    fp64). temperature: a number, or a one-element tensor; one that requires grad gets its
+    gradient (the rows are scaled by temperature^-1/2 in torch ops before the kernels, which then
+    run at temperature 1). backend: see bmssl.backends (default: BMSSL_BACKEND or "auto")."""
+    tau = check_ntxent(z, labels, temperature, variant)
+    if learnable(temperature):
+        z, normalize, tau = unit_rows(z, normalize, temperature), False, 1.0
     name = backends.choose(SUPPORT, z.device, z.dtype, backend, shape=z.shape)
     if name == "torch":
-        return reference.ntxent(z, labels, temperature, variant, normalize)
+        return reference.ntxent(z, labels, tau, variant, normalize)
     tasks_z = z if z.dim() == 3 else z.unsqueeze(0)
     tasks_labels = (labels if labels.dim() == 2 else labels.unsqueeze(0)).long()
-    u = F.normalize(tasks_z, dim=-1) if normalize else tasks_z
-    task_loss, _ = NTXentLoss.apply(u.contiguous(), tasks_labels.contiguous(), 1.0 / temperature,
-                                    variant, name)
+    u = unit_rows(tasks_z, normalize)
+    task_loss, _ = NTXentLoss.apply(u.contiguous(), tasks_labels.contiguous(), 1.0 / tau, variant, name)
     return task_loss.mean().to(z.dtype)
+
+
+def learnable(temperature) -> bool:
+    """A temperature tensor that requires grad (a learnable temperature, as in CLIP)."""
+    return isinstance(temperature, torch.Tensor) and temperature.requires_grad
+
+
+def unit_rows(z, normalize, temperature=None):
+    """z's rows L2-normalised (when `normalize`), then divided by sqrt(temperature) (when given:
+    u_i·u_j / T = (u_i / √T)·(u_j / √T), so the kernels run at T = 1 and autograd reaches T), in
+    z's dtype. The norm is taken in the accumulation dtype: in fp16 F.normalize's eps (1e-12)
+    rounds to 0, so a zero row gave 0/0 = NaN, and a row norm past 65504 overflowed to inf."""
+    if not normalize and temperature is None:
+        return z
+    u = z.to(accumulation_dtype(z.dtype))
+    if normalize:
+        u = F.normalize(u, dim=-1)
+    if temperature is not None:
+        u = u * temperature.reshape(()).to(device=u.device, dtype=u.dtype).rsqrt()
+    return u.to(z.dtype)
 
 
 def ntxent_views(views, temperature=0.1, variant="in", normalize=True, backend=None):
     """NT-Xent over a views layout [N, M, d] (or [T, N, M, d]): the M views of image j are
     positives of each other."""
+    check_views(views)
     z, labels = reference.views_to_batch(views)
     return ntxent(z, labels, temperature, variant, normalize, backend)

@@ -6,6 +6,9 @@ Linear, so second-order gradients flow through it (the backward is differentiabl
 function goes through SGDStep, an autograd.Function with setup_context and a vmap rule, so it
 works under torch.func (vmap over tasks) as well as plain autograd and torch.compile.
 """
+import math
+import numbers
+
 import torch
 
 from bmssl import _extension, backends
@@ -96,11 +99,34 @@ def sgd_unroll_step(params, grads, lr, backend=None):
             raise ValueError("sgd_unroll_step: every tensor must share one dtype and one device")
         if not p.dtype.is_floating_point:
             raise ValueError(f"sgd_unroll_step: tensors must be floating point, got {p.dtype}")
+    lr_value = check_lr(lr)
     if not params:
         return {} if keys is not None else []
     name = backends.choose(SUPPORT, params[0].device, params[0].dtype, backend)
     if name == "torch":
         outs = reference_sgd.sgd_unroll_step(params, grads, lr)
     else:
-        outs = list(SGDStep.apply(float(lr), name, *params, *grads))
+        outs = list(SGDStep.apply(lr_value, name, *params, *grads))
+        if isinstance(lr, torch.Tensor) and lr.requires_grad:
+            # a learnable lr: out = p - c·g + (c - lr)·g with c = lr's value as a constant. The
+            # added term is 0 but carries d out / d lr = -g (and the mixed second derivative),
+            # so every order of derivative equals that of p - lr·g.
+            rate = lr.reshape(())
+            outs = [out + (rate.detach() - rate).to(out.dtype) * g for out, g in zip(outs, grads)]
     return dict(zip(keys, outs)) if keys is not None else outs
+
+
+def check_lr(lr) -> float:
+    """lr: a finite real number or a one-element real tensor (which may require grad)."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or not lr.dtype.is_floating_point:
+            raise ValueError(f"sgd_unroll_step: lr must be a number or a one-element float tensor, got a "
+                             f"{lr.dtype} tensor of shape {tuple(lr.shape)}")
+        value = float(lr.detach())
+    elif isinstance(lr, numbers.Real) and not isinstance(lr, bool):
+        value = float(lr)
+    else:
+        raise ValueError(f"sgd_unroll_step: lr must be a number, got {type(lr).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"sgd_unroll_step: lr must be finite, got {value}")
+    return value

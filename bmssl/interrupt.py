@@ -1,0 +1,52 @@
+"""Stopping a long loop cleanly on Ctrl-C (SIGINT) or SIGTERM.
+
+    with StopRequests() as stop:
+        while working:
+            one_step()                 # never cut in half by the first signal
+            if stop.requested:
+                save(); break          # the work done so far is kept
+
+The first signal only records itself (`stop.signal`) and prints what will happen; the loop
+finishes its step and stops. A second signal aborts at once (KeyboardInterrupt). Outside the
+main thread (where Python cannot install handlers) nothing is installed and signals act as usual.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopRequests:
+    def __init__(self, message: str = "stopping after the step in progress; again to abort at once"):
+        self.message = message
+        self.signal: int | None = None
+        self._previous: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    @property
+    def exit_status(self) -> int:
+        """The shell's status for a process ended by this signal: 128 + its number."""
+        return 128 + int(self.signal) if self.signal is not None else 0
+
+    def _handle(self, signum, _frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name}: {self.message}", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for signum in SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()

@@ -303,6 +303,28 @@ def test_non_finite_outer_loss_names_the_step():
         learner.step(bad)
 
 
+def test_an_outer_lr_that_overflows_adam_is_a_floating_point_error():
+    """lr 1e38: Adam's step size no longer fits fp32 (torch raises a RuntimeError about the
+    overflow); the learner turns it into the FloatingPointError that names the step."""
+    learner = tiny_learner(torch.float32, method="simclr", outer_lr=1e38, warmup_steps=0, clip_grad_norm=None)
+    with pytest.raises(FloatingPointError, match="outer step 1: Adam's update overflowed"):
+        learner.step(random_batch(dtype=torch.float32))
+
+
+def test_a_non_finite_theta_after_the_update_names_the_step(monkeypatch):
+    learner = tiny_learner(method="metassl")
+    update = learner.optimizer.step
+
+    def step_then_break():
+        update()
+        with torch.no_grad():
+            next(learner.model.parameters()).view(-1)[0] = float("inf")
+
+    monkeypatch.setattr(learner.optimizer, "step", step_then_break)
+    with pytest.raises(FloatingPointError, match="outer step 1: θ is not finite after the Adam update"):
+        learner.step(random_batch())
+
+
 def test_shared_head_is_meta_learned():
     learner = tiny_learner(method="metassl", head="shared", ways=3)
     assert "head.weight" in learner.theta and not learner.theta["head.weight"].any()

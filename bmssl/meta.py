@@ -566,7 +566,8 @@ class MetaLearner:
         for name, grad in grads.items():
             parameters[name].grad = grad
         max_norm = self.config.clip_grad_norm if self.config.clip_grad_norm is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(parameters.values()), max_norm).item()
+        theta = list(parameters.values())
+        grad_norm = torch.nn.utils.clip_grad_norm_(theta, max_norm).item()
         if not math.isfinite(grad_norm):
             raise FloatingPointError(f"{where}: the meta-gradient norm is {grad_norm}")
         try:
@@ -576,8 +577,7 @@ class MetaLearner:
                 raise
             raise FloatingPointError(f"{where}: Adam's update overflowed ({error}); lower outer_lr") from None
         self.optimizer.zero_grad(set_to_none=True)
-        theta = list(parameters.values())
-        if not torch.stack(torch._foreach_norm(theta)).isfinite().all():  # one reduction, one sync
+        if not torch.stack(torch._foreach_norm(theta)).isfinite().all():  # fused norms, one host sync
             raise FloatingPointError(f"{where}: θ is not finite after the Adam update; lower outer_lr")
         self.scheduler.step()
         self.steps_done += 1

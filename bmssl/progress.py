@@ -24,7 +24,6 @@ def progress(iterable, desc="", total=None, disable=False, plain=None):
 def _plain(iterable, desc, total, disable):
     total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
     start = last = time.perf_counter()
-    index = 0
     for index, item in enumerate(iterable, 1):
         yield item
         now = time.perf_counter()

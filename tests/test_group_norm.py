@@ -194,15 +194,36 @@ def test_third_derivative_raises_clearly():
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy
-def test_non_finite_input_or_overflowing_variance_gives_nan_not_a_finite_value(backend):
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
+def test_non_finite_input_gives_nan_not_a_finite_value(backend):
     generator = torch.Generator().manual_seed(8)
     x, weight, bias = inputs(2, 4, 4, 4, torch.float32, generator)
     x[0, 0, 1, 1] = float("nan")
-    x[1, 3, 0, 0] = 3e19  # (x - mean)^2 passes fp32's range: the variance overflows
+    x[1, 3, 0, 0] = float("inf")
     y = bmssl.ops.group_norm(x, weight, bias, 2, relu=True, pool=True, backend=backend)
     assert y[0, :2].isnan().all() and y[1, 2:].isnan().all()  # the groups holding them
     assert y[0, 2:].isfinite().all() and y[1, :2].isfinite().all()  # the others are untouched
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("spike", [3e19, -1e30, 3e38])
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy
+def test_a_variance_past_fp32s_range_is_normalised_like_fp64(backend, spike):
+    """(x - mean)^2 overflows fp32 past |x - mean| = 1.8e19; the variance (up to ~1e76) is then
+    summed scaled by max |x - mean|, and the group comes out as fp64's, forward and backward."""
+    generator = torch.Generator().manual_seed(8)
+    x, weight, bias = inputs(2, 4, 4, 4, torch.float32, generator)
+    x[1, 3, 0, 0] = spike
+    x, weight, bias = (t.requires_grad_() for t in (x, weight, bias))
+    y = bmssl.ops.group_norm(x, weight, bias, 2, relu=True, backend=backend)
+    exact = bmssl.reference.group_norm(*(t.double() for t in (x, weight, bias)), 2, relu=True)
+    torch.testing.assert_close(y, exact.float(), rtol=1e-5, atol=1e-5)
+    grad_y = torch.randn(y.shape, generator=generator)
+    got = torch.autograd.grad(y, (x, weight, bias), grad_y)
+    want = torch.autograd.grad(exact, (x, weight, bias), grad_y.double())
+    for g, w in zip(got, want):
+        assert g.isfinite().all()
+        torch.testing.assert_close(g, w.float(), rtol=1e-4, atol=1e-4 * w.abs().max().item())
 
 
 @pytest.mark.parametrize("case,message", [

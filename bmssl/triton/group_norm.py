@@ -110,7 +110,25 @@ if triton is not None:
             mask = start + lanes < m
             centred = tl.where(mask, tl.load(x_group + start + lanes, mask=mask, other=0.0).to(tl.float32) - mean, 0.0)
             squares += centred * centred
-        rstd = 1.0 / tl.sqrt_rn(tl.sum(squares, axis=0) / m + eps)
+        variance = tl.sum(squares, axis=0) / m
+        rstd = 1.0 / tl.sqrt_rn(variance + eps)
+        if (variance == float("inf")) & (tl.abs(mean) < float("inf")):
+            # (x - mean)^2 overflowed fp32 (|x - mean| past 1.8e19) from finite x: with a =
+            # max |x - mean| and q = mean(((x - mean) / a)^2) <= 1, rstd = 1 / (a sqrt(q + eps / a^2)).
+            # Only such groups take these two extra passes; x - mean itself infinite gives NaN (a / a).
+            largest = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, m, BLOCK):
+                mask = start + lanes < m
+                centred = tl.load(x_group + start + lanes, mask=mask, other=0.0).to(tl.float32) - mean
+                largest = tl.maximum(largest, tl.where(mask, tl.abs(centred), 0.0))
+            a = tl.max(largest, axis=0)
+            scaled = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, m, BLOCK):
+                mask = start + lanes < m
+                centred = tl.load(x_group + start + lanes, mask=mask, other=0.0).to(tl.float32) - mean
+                ratio = tl.where(mask, centred / a, 0.0)
+                scaled += ratio * ratio
+            rstd = 1.0 / (a * tl.sqrt_rn(tl.sum(scaled, axis=0) / m + eps / (a * a)))
         # the stats as stored (x's dtype) are what the backward kernels read: use them here too
         mean_stored = mean.to(stats_ptr.dtype.element_ty)
         rstd_stored = rstd.to(stats_ptr.dtype.element_ty)
@@ -118,8 +136,8 @@ if triton is not None:
         tl.store(stats_ptr + 2 * group + 1, rstd_stored)
         mean = mean_stored.to(tl.float32)
         rstd = rstd_stored.to(tl.float32)
-        # NaN / Inf input, or a variance past the dtype's range (rstd rounds to 0): the group's
-        # output is NaN, never a finite, meaningless value
+        # NaN / Inf input, or rstd past the stats dtype's range: the group's output is NaN,
+        # never a finite, meaningless value
         finite = (tl.abs(mean) < float("inf")) & (rstd > 0.0) & (rstd < float("inf"))
         for k in range(0, group_channels):
             # distinct names, not `_`: Triton's compiler (not its interpreter) rejects a loop

@@ -15,6 +15,7 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -213,6 +214,30 @@ void forward_plane(const Layout& l, const T* x, T scale, T shift, T* y) {
   }
 }
 
+// rstd of one group when (x - mean)^2 overflows T (|x - mean| past sqrt(T's max), 1.8e19 in
+// fp32): var = a^2 mean(((x - mean) / a)^2) with a = max |x - mean|, so rstd = 1 / (a sqrt(q + eps
+// / a^2)), q = mean(((x - mean) / a)^2) <= 1. Only overflowing groups take it (a second and third
+// pass over the group), so every other group keeps its rounding. An x - mean that is itself
+// infinite still gives NaN: a / a.
+template <typename T>
+double scaled_rstd(const T* xg, int64_t group_channels, int64_t plane, T mean, double eps) {
+  T largest = 0;
+  for (int64_t k = 0; k < group_channels; ++k) {
+    const T* xc = xg + k * plane;
+    for (int64_t i = 0; i < plane; ++i) largest = std::max(largest, T(std::abs(xc[i] - mean)));
+  }
+  double squares = 0;
+  for (int64_t k = 0; k < group_channels; ++k) {
+    const T* xc = xg + k * plane;
+    squares += plane_sum<T>(plane, [&](int64_t i) {
+      const T d = (xc[i] - mean) / largest;
+      return d * d;
+    });
+  }
+  const double a = double(largest), m = double(group_channels * plane);
+  return 1.0 / (a * std::sqrt(squares / m + eps / (a * a)));
+}
+
 template <typename T>
 void forward_impl(const Layout& l, const T* x, const T* weight, const T* bias, double eps, T* y, T* stats) {
   const int64_t gc = l.group_channels(), plane = l.plane(), m = l.group_size();
@@ -230,10 +255,12 @@ void forward_impl(const Layout& l, const T* x, const T* weight, const T* bias, d
         const T* xc = xg + k * plane;
         squares += plane_sum<T>(plane, [&](int64_t i) { return (xc[i] - mean_t) * (xc[i] - mean_t); });
       }
-      // NaN / Inf input makes the statistics NaN; a variance past the dtype's range (rstd
-      // rounds to 0) would flatten the group to its bias. Either way the group's output is NaN,
-      // so the failure shows instead of passing on as a finite, meaningless value.
-      const double rstd = 1.0 / std::sqrt(squares / double(m) + eps);
+      // NaN / Inf input makes the statistics NaN, and the group's output is NaN, so the failure
+      // shows instead of passing on as a finite, meaningless value. Squares that overflow T
+      // from finite input are summed again, scaled.
+      const bool overflowed = std::isfinite(double(mean_t)) && !std::isfinite(squares);
+      const double rstd = overflowed ? scaled_rstd<T>(xg, gc, plane, mean_t, eps)
+                                     : 1.0 / std::sqrt(squares / double(m) + eps);
       const T mean = mean_t, rstd_t = T(rstd);
       stats[2 * group] = mean;
       stats[2 * group + 1] = rstd_t;

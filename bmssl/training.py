@@ -19,8 +19,9 @@ Data (`--data`), split by group (alphabet) into train / test, deterministically 
     <path>             an Omniglot zip or alphabet/character folder (split by alphabet), or a folder
                        holding images_background_small1.zip and images_background_small2.zip
     folder:<path>      class folders (bmssl.data.load_image_folder), `channels` 1 or 3
-`--eval-data SPEC` tests on all of SPEC instead, and trains on all of --data. Training reads the
-training images alone, never their labels.
+`--eval-data SPEC` tests on all of SPEC instead, and trains on all of --data (for omniglot: on
+images_background_small1). A test image byte-identical to a training image is refused
+(check_disjoint). Training reads the training images alone, never their labels.
 
 torchrun (WORLD_SIZE > 1): DistributedDataParallel semantics with gloo on CPU (nccl on CUDA).
 Every rank seeds its task generator with the same `seed`, so every rank draws and augments the
@@ -311,16 +312,22 @@ def _missing(spec: str, path: Path) -> FileNotFoundError:
         f"<repo>/../shared/data/omniglot), or --data glyphs (embedded, needs no files)")
 
 
-def load_whole(spec: str, config: TrainConfig, show_progress: bool = False):
-    """All of data spec `spec` as one ImageSet (what --eval-data reads); for omniglot, the
-    alphabets of images_background_small2 that small1 lacks."""
+def load_whole(spec: str, config: TrainConfig, show_progress: bool = False, role: str = "test"):
+    """All of data spec `spec` as one ImageSet: the training pool (role "train", what --data
+    gives beside --eval-data) or the test set (role "test", what --eval-data reads). The
+    Omniglot small split (--data omniglot, or a folder holding both zips) is the one spec whose
+    halves differ: images_background_small1 for training, and for testing the alphabets of
+    images_background_small2 that small1 lacks."""
     from bmssl import data
 
     if spec == "glyphs" or spec.startswith("glyphs:"):
         alphabets = tuple(a for a in spec[len("glyphs:"):].split(",") if a) if ":" in spec else None
         return data.load_glyphs(image_size=config.image_size, alphabets=alphabets, show_progress=show_progress)
+    if role not in ("train", "test"):
+        raise ValueError(f"role must be 'train' or 'test', got {role!r}")
+    half = 0 if role == "train" else 1
     if spec == "omniglot":
-        return _omniglot_split(spec, None, config)[1]
+        return _omniglot_split(spec, None, config)[half]
     if spec.startswith("folder:"):
         path = Path(spec[len("folder:"):]).expanduser()
         if not path.is_dir():
@@ -331,7 +338,7 @@ def load_whole(spec: str, config: TrainConfig, show_progress: bool = False):
     if not path.exists():
         raise _missing(spec, path)
     if _holds_small_split(path):
-        return _omniglot_split(spec, path, config)[1]
+        return _omniglot_split(spec, path, config)[half]
     return data.load_omniglot(path, image_size=config.image_size, show_progress=show_progress)
 
 
@@ -354,8 +361,10 @@ def resolve_data(config: TrainConfig, show_progress: bool = False) -> DataSplit:
     spec = config.data.strip()
     split_seed = config.seed if config.split_seed is None else config.split_seed
     if config.eval_data:
-        train, test = load_whole(spec, config, show_progress), load_whole(config.eval_data, config, show_progress)
-        description = f"train: all of {spec}; test: all of {config.eval_data}"
+        train = load_whole(spec, config, show_progress, role="train")
+        test = load_whole(config.eval_data, config, show_progress, role="test")
+        check_disjoint(train, test, spec, config.eval_data)
+        description = f"train: all of {train.source} (--data {spec}); test: all of {test.source}"
     elif spec == "omniglot" or (Path(spec).expanduser().exists() and _holds_small_split(Path(spec).expanduser())):
         train, test = _omniglot_split(spec, None if spec == "omniglot" else Path(spec).expanduser(), config)
         description = "train: images_background_small1; test: alphabets only in images_background_small2"
@@ -372,6 +381,32 @@ def resolve_data(config: TrainConfig, show_progress: bool = False) -> DataSplit:
         raise ValueError(f"train images are {train.channels}x{train.image_size} but test images are "
                          f"{test.channels}x{test.image_size}")
     return DataSplit(train, test, description)
+
+
+def _image_hashes(images: torch.Tensor) -> list:
+    """sha1 of each image's bytes, None for a constant image (blank images say nothing of a leak)."""
+    flat = images.reshape(len(images), -1)
+    constant = (flat == flat[:, :1]).all(dim=1).tolist()
+    return [None if blank else hashlib.sha1(row.numpy().tobytes()).hexdigest()
+            for row, blank in zip(flat.contiguous(), constant)]
+
+
+def check_disjoint(train, test, train_spec: str, test_spec: str):
+    """ValueError when a test image is byte-identical to a training image (after decoding and
+    resizing): few-shot accuracy on such classes measures memorisation, not transfer. Omniglot's
+    images_background_small1 and small2 both hold Greek and Latin, for instance."""
+    if train.images.shape[1:] != test.images.shape[1:]:
+        return  # resolve_data refuses the mismatch with its own message
+    seen = set(_image_hashes(train.images)) - {None}
+    shared = sorted({test.class_names[int(label)] for h, label in zip(_image_hashes(test.images), test.labels)
+                     if h in seen})
+    if shared:
+        raise ValueError(
+            f"--eval-data {test_spec} shares images with --data {train_spec}: {len(shared)} of its "
+            f"{test.num_classes} classes ({', '.join(shared[:3])}{', ...' if len(shared) > 3 else ''}) have images "
+            "that are also in the training data, so their few-shot accuracy would measure memorisation. Give "
+            "test data disjoint from the training data (--data omniglot alone trains on images_background_small1 "
+            "and tests on the alphabets only images_background_small2 has)")
 
 
 def fingerprint(images: torch.Tensor) -> str:
@@ -544,8 +579,10 @@ class Run:
         """Continue from a loaded checkpoint (run_files.load_checkpoint)."""
         if state["data"].get("train_fingerprint") != self.fingerprint:
             raise ValueError(f"checkpoint {state['path']} was trained on other images ({state['data'].get('train')}) "
-                             f"than --data {self.config.data} gives now ({self.data.train.summary()}); "
-                             "resume with the data of the original run")
+                             f"than --data {self.config.data} with --eval-data {self.config.eval_data} gives now "
+                             f"({self.data.train.summary()}): the files changed, or --eval-data did (with it the pool is all of "
+                             "--data, without it the training part of a split of --data); resume with the data "
+                             "and --eval-data of the original run")
         self.learner.load_state_dict(state["learner"])
         self.generator.set_state(state["generator"].to(torch.uint8))
         self.step = self.saved_step = int(state["step"])
@@ -818,7 +855,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     add(data, "data", DATA_HELP, metavar="SPEC")
     add(data, "eval_data", "test on all of this spec (same forms as --data) instead of a held-out split of "
-        "--data, and train on all of --data", metavar="SPEC")
+        "--data, and train on all of --data (omniglot: images_background_small1); refused when a test image "
+        "is also a training image", metavar="SPEC")
     add(data, "image_size", "image side in pixels", type=int)
     add(data, "channels", "folder: data only: 1 (grayscale) or 3 (RGB)", type=int)
     add(data, "test_fraction", "fraction of the groups (alphabets) held out for testing", type=float)

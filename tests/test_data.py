@@ -496,3 +496,46 @@ def test_image_folder_errors(tmp_path):
     with pytest.raises(ValueError, match="layout"):
         data.load_image_folder(root, layout="deep")
 
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_sixteen_bit_grayscale_is_rescaled_not_clipped(tmp_path, mode):
+    """Pillow's convert("L") of a 16-bit PNG clips every value above 255 to white; the loaders
+    rescale, v8 = round(v16 / 257)."""
+    ramp = (np.arange(16 * 16).reshape(16, 16) * 256).astype(np.uint16)  # 0 .. 65280
+    (tmp_path / "cls").mkdir()
+    Image.fromarray(ramp).save(tmp_path / "cls" / "ramp.png")
+    assert Image.open(tmp_path / "cls" / "ramp.png").mode.startswith("I"), "the PNG is 16-bit"
+    loaded = data.load_image_folder(tmp_path, image_size=16, mode=mode, show_progress=False).images[0]
+    expected = torch.from_numpy(np.round(ramp / 257).astype(np.uint8))
+    assert loaded.shape[0] == (1 if mode == "L" else 3)
+    assert all(torch.equal(channel, expected) for channel in loaded)
+
+
+def test_a_sixteen_bit_omniglot_png_is_rescaled(tmp_path):
+    strokes = np.full((105, 105), 65535, dtype=np.uint16)
+    strokes[:, 50:55] = 0
+    with zipfile.ZipFile(tmp_path / "deep.zip", "w") as archive:
+        archive.writestr("x/Alpha/character01/0001_01.png", write_png(strokes))
+    image = data.load_omniglot(tmp_path / "deep.zip", image_size=105).images[0, 0]
+    assert image[:, 50:55].eq(255).all() and image[:, :50].eq(0).all(), "ink 255 on black, as for 8-bit"
+
+
+def test_a_decompression_bomb_is_a_value_error_naming_the_file(tmp_path, monkeypatch):
+    """Pillow raises DecompressionBombError (not an OSError) past 2x MAX_IMAGE_PIXELS."""
+    (tmp_path / "cls").mkdir()
+    solid((9, 9, 9), (64, 64)).save(tmp_path / "cls" / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 4)
+    with pytest.raises(ValueError, match="cannot read image .*big.png.*decompression bomb"):
+        data.load_image_folder(tmp_path, image_size=8, show_progress=False)
+
+
+def test_split_fractions_must_be_finite_and_a_class_name_part_is_one_class():
+    dataset = synthetic_set(groups=4)
+    for fractions in ((float("nan"), 1.0), (float("inf"), 0.5), (0.5, float("nan"))):
+        with pytest.raises(ValueError, match="finite"):
+            dataset.split_by_group(fractions)
+        with pytest.raises(ValueError, match="finite"):
+            dataset.split_by_class(fractions)
+    named = dataset.split_by_class({"a": dataset.class_names[0], "b": dataset.class_names[1:3]})
+    assert named["a"].class_names == dataset.class_names[:1] and named["b"].num_classes == 2

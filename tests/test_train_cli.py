@@ -260,6 +260,52 @@ def test_omniglot_trains_on_small1_and_tests_on_alphabets_only_in_small2():
     assert split.train.image_size == (28, 28) and split.train.channels == 1
 
 
+@pytest.mark.skipif(not (DEFAULT_DIR / "images_background_small1.zip").exists()
+                    and not os.environ.get(ENV_VAR),
+                    reason=f"Omniglot zips absent (expected in {DEFAULT_DIR} or ${ENV_VAR})")
+def test_omniglot_beside_eval_data_trains_on_small1_and_shared_alphabets_are_refused(folder):
+    """--data omniglot --eval-data X trains on images_background_small1, not on the held-out
+    alphabets; small1.zip against small2.zip shares Greek and Latin image for image: refused."""
+    beside = resolve_data(TrainConfig(data="omniglot", eval_data=folder, channels=1, image_size=16))
+    assert set(beside.train.groups) == {"Balinese", "Early_Aramaic", "Greek", "Korean", "Latin"}
+    assert beside.test.groups == [f"alphabet{g}" for g in range(4)]
+    zips = DEFAULT_DIR if (DEFAULT_DIR / "images_background_small1.zip").exists() else Path(os.environ[ENV_VAR])
+    with pytest.raises(ValueError, match=r"shares images with .* 50 of its 156 classes \(Greek/character01"):
+        resolve_data(TrainConfig(data=str(zips / "images_background_small1.zip"),
+                                 eval_data=str(zips / "images_background_small2.zip")))
+
+
+def test_eval_data_sharing_training_images_is_refused_and_blank_images_do_not_count(folder, tmp_path):
+    root = Path(folder[len("folder:"):])
+    with pytest.raises(ValueError, match=r"--eval-data folder:.*alphabet2.* 4 of its 4 classes"):
+        resolve_data(TrainConfig(data=folder, eval_data=f"folder:{root / 'alphabet2'}", channels=1, image_size=16))
+    # two disjoint sets that each hold an all-black image are not a leak
+    for name, seed in (("train", 1), ("test", 2)):
+        rng = np.random.default_rng(seed)
+        for character in range(2):
+            target = tmp_path / name / f"c{character}"
+            target.mkdir(parents=True)
+            Image.fromarray(np.zeros((16, 16), np.uint8)).save(target / "blank.png")
+            Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(target / "noise.png")
+    split = resolve_data(TrainConfig(data=f"folder:{tmp_path / 'train'}", eval_data=f"folder:{tmp_path / 'test'}",
+                                     channels=1, image_size=16))
+    assert len(split.train) == len(split.test) == 4
+
+
+def test_resume_with_another_eval_data_names_it_in_the_error(folder, tmp_path, capsys):
+    """--eval-data may change on --resume when the pool stays the same; when it changes the pool
+    (all of --data instead of its training split), the error says so."""
+    run, other = tmp_path / "run", tmp_path / "other"
+    rng = np.random.default_rng(5)
+    for character in range(2):
+        (other / f"c{character}").mkdir(parents=True)
+        for index in range(3):
+            Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(other / f"c{character}" / f"{index}.png")
+    assert bmssl("train", "--data", folder, *TINY, "--steps", 2, "--out", run, capsys=capsys)[0] == 0
+    status, _, err = bmssl("train", "--resume", run, "--eval-data", f"folder:{other}", "--steps", 3, capsys=capsys)
+    assert status == 2 and "--eval-data" in err and "the files changed, or --eval-data did" in err
+
+
 def test_glyph_like_folder_split_is_by_group_and_deterministic(folder):
     config = TrainConfig(data=folder, channels=1, image_size=16, test_fraction=0.25, seed=3)
     first, again = resolve_data(config), resolve_data(config)

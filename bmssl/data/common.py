@@ -168,7 +168,7 @@ class ImageSet:
                                "class")
             class_lists = [sorted(c) for c in class_lists]
         else:
-            class_lists = [list(p) for p in parts]
+            class_lists = [[p] if isinstance(p, str) else list(p) for p in parts]
             seen = [self._class_position(c) for classes in class_lists for c in classes]
             if len(set(seen)) != len(seen):
                 raise ValueError("split_by_class: the explicit class lists overlap")
@@ -197,8 +197,8 @@ def _split_parts(split):
 
 def _cut(items: list, fractions: list, seed: int, what: str) -> list:
     """Shuffle `items` with `seed`, then cut them into len(fractions) consecutive lists."""
-    if any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-        raise ValueError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
+    if not all(np.isfinite(f) and f >= 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"split fractions must be finite, >= 0 and sum to 1, got {fractions}")
     positive = sum(f > 0 for f in fractions)
     if positive > len(items):
         raise ValueError(f"cannot split {len(items)} {what}(s) into {positive} non-empty parts")
@@ -217,6 +217,35 @@ def _cut(items: list, fractions: list, seed: int, what: str) -> list:
 
 
 # ---- decoding -------------------------------------------------------------------------------
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # how Pillow opens 16-bit PNGs
+
+
+def open_image(read, mode: str, what):
+    """The image Pillow decodes from `read()` (bytes) or a path, converted to `mode` ("L" or
+    "RGB") at 8 bits. 16-bit grayscale (a PNG's only deeper mode) is rescaled, v8 = round(v16 / 257),
+    where Pillow's own convert would clip everything above 255 to white. Raises ValueError naming
+    `what` for a file Pillow cannot read, a decompression bomb, or a float / 32-bit image."""
+    import io
+
+    from PIL import Image
+
+    try:
+        source = io.BytesIO(read()) if callable(read) else read
+        with Image.open(source) as image:
+            if image.mode in SIXTEEN_BIT_MODES:
+                values = np.asarray(image, dtype=np.int64)
+                if values.min() < 0 or values.max() > 65535:
+                    raise ValueError(f"{image.mode} pixel values span [{values.min()}, {values.max()}], "
+                                     "outside 16 bits")
+                eight_bit = ((values * 255 + 32767) // 65535).astype(np.uint8)
+                return Image.fromarray(eight_bit).convert(mode)
+            if image.mode == "F":
+                raise ValueError("floating-point images are not supported; save it as 8- or 16-bit")
+            return image.convert(mode)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise ValueError(f"cannot read image {what}: {error}") from error
+
+
 def image_size_hw(size) -> tuple:
     """(H, W) from an int or a pair; ValueError unless both are >= 1."""
     height, width = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)

@@ -5,7 +5,8 @@ Layouts:
   nested  root/<group>/<class>/*.{png,jpg,jpeg}   group = the parent folder, class "<group>/<class>"
 layout="auto" picks the one the folder has and refuses a mix. Hidden files and folders (".*")
 and files with other extensions are ignored. Images are decoded with Pillow, converted to RGB
-(or "L"), resized to image_size (antialiased) and stacked as uint8 [n, C, H, W].
+(or "L"; 16-bit grayscale is rescaled to 8 bits), resized to image_size (antialiased) and stacked
+as uint8 [n, C, H, W].
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bmssl.data.common import ImageSet, image_size_hw, resize_pil
+from bmssl.data.common import ImageSet, image_size_hw, open_image, resize_pil
 from bmssl.progress import progress
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -91,8 +92,6 @@ def load_image_folder(root, *, image_size=84, layout: str = "auto", mode: str = 
     "stretch". Raises FileNotFoundError / ValueError for a missing or malformed folder, and
     ValueError naming the file for an image Pillow cannot read.
     """
-    from PIL import Image
-
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
     size_hw = image_size_hw(image_size)
@@ -102,11 +101,7 @@ def load_image_folder(root, *, image_size=84, layout: str = "auto", mode: str = 
     labels = np.array([label for label, _ in files], dtype=np.int64)
     for i, (_, path) in enumerate(progress(files, desc=f"reading {Path(root).name}",
                                            disable=not show_progress or len(files) < 500)):
-        try:
-            with Image.open(path) as image:
-                array = np.asarray(resize_pil(image.convert(mode), size_hw, fit), dtype=np.uint8)
-        except OSError as error:
-            raise ValueError(f"cannot read image {path}: {error}") from error
+        array = np.asarray(resize_pil(open_image(path, mode, path), size_hw, fit), dtype=np.uint8)
         images[i] = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     return ImageSet(torch.from_numpy(images), torch.from_numpy(labels),
                     [name for name, _, _ in classes], [group for _, group, _ in classes],

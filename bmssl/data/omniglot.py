@@ -13,16 +13,16 @@ Never copy it into the repository.
 """
 from __future__ import annotations
 
-import io
 import os
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from bmssl.data.common import ImageSet, image_size_hw, resize_pil
+from bmssl.data.common import ImageSet, image_size_hw, open_image, resize_pil
 from bmssl.progress import progress
 
 ENV_VAR = "BMSSL_OMNIGLOT_DIR"
@@ -119,8 +119,6 @@ def load_omniglot(source=BACKGROUND_SMALL1, *, root=None, alphabets: Sequence[st
     load_omniglot("images_background_small2", exclude_alphabets_of="images_background_small1").
     image_size: int or (H, W); 105 keeps the original size.
     """
-    from PIL import Image
-
     path = resolve_omniglot(source, root)
     entries = _index(path)
     available = sorted({e[0] for e in entries})
@@ -153,12 +151,10 @@ def load_omniglot(source=BACKGROUND_SMALL1, *, root=None, alphabets: Sequence[st
                 class_groups.append(alphabet)
             labels[i] = len(class_names) - 1
             try:
-                data = member.read_bytes() if archive is None else archive.read(member)
-                with Image.open(io.BytesIO(data)) as image:
-                    gray = resize_pil(image.convert("L"), size_hw)
-            except (OSError, zipfile.BadZipFile, ValueError) as error:
-                raise ValueError(f"cannot read Omniglot image {member} in {path}: "
-                                 f"{error}") from error
+                gray = resize_pil(open_image(member.read_bytes if archive is None else
+                                             lambda: archive.read(member), "L", f"{member} in {path}"), size_hw)
+            except (zipfile.BadZipFile, zlib.error) as error:
+                raise ValueError(f"cannot read Omniglot image {member} in {path}: {error}") from error
             images[i, 0] = 255 - np.asarray(gray, dtype=np.uint8)
     finally:
         if archive is not None:

@@ -73,6 +73,8 @@ class AugmentConfig:
     def __post_init__(self):
         def check_range(name, low_high, low_bound, high_bound=math.inf, low_open=False):
             low, high = low_high
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise ValueError(f"AugmentConfig.{name}={low_high} must be finite")
             if not (low <= high):
                 raise ValueError(f"AugmentConfig.{name}: low {low} > high {high}")
             too_low = low <= low_bound if low_open else low < low_bound
@@ -82,8 +84,10 @@ class AugmentConfig:
                                  f"{bracket}{low_bound}, {high_bound}]")
 
         def check_nonnegative(name, value, high_bound=math.inf):
-            if not (0.0 <= value <= high_bound):
-                raise ValueError(f"AugmentConfig.{name}={value} must lie in [0, {high_bound}]")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and 0.0 <= value <= high_bound):
+                bound = f"{high_bound}]" if math.isfinite(high_bound) else "inf), finite"
+                raise ValueError(f"AugmentConfig.{name}={value!r} must lie in [0, {bound}")
 
         for name in ("crop_scale", "crop_ratio", "zoom"):
             value = getattr(self, name)

@@ -14,6 +14,7 @@ seeded numpy Generator and evaluated `batch_episodes` at a time (torch.func.vmap
 so batch statistics, if the backbone uses them, stay per episode).
 """
 import math
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -40,8 +41,8 @@ class Episodes(NamedTuple):
 
 class EpisodeSampler:
     """Draws W-way S-shot episodes with Q queries per class from (images, labels), seeded.
-    Only classes with at least S + Q images take part; within an episode, support and query
-    images are distinct."""
+    Only classes with at least S + Q images take part (a warning names the others, kept in
+    `left_out`); within an episode, support and query images are distinct."""
 
     def __init__(self, labels, ways: int, shots: int, queries: int = 15, seed: int = 0):
         for name, value, minimum in (("ways", ways, 2), ("shots", shots, 1), ("queries", queries, 1)):
@@ -53,6 +54,12 @@ class EpisodeSampler:
                              f"dtype {labels.dtype}")
         per_class = {int(c): np.flatnonzero(labels == c) for c in np.unique(labels)}
         self.class_indices = [idx for _, idx in sorted(per_class.items()) if idx.size >= shots + queries]
+        self.left_out = sorted(c for c, idx in per_class.items() if idx.size < shots + queries)
+        if self.left_out and len(self.class_indices) >= ways:
+            warnings.warn(f"{len(self.left_out)} of {len(per_class)} classes have fewer than {shots + queries} images "
+                          f"({shots} shots + {queries} queries) and take no part in {ways}-way {shots}-shot "
+                          f"episodes (class ids {self.left_out[:5]}{'...' if len(self.left_out) > 5 else ''}); "
+                          "the accuracy is over the other classes alone", stacklevel=2)
         if len(self.class_indices) < ways:
             raise ValueError(f"{ways}-way episodes with {shots} shots + {queries} queries need {ways} classes "
                              f"with >= {shots + queries} images each; only {len(self.class_indices)} of "

@@ -329,6 +329,8 @@ def load_whole(spec: str, config: TrainConfig, show_progress: bool = False, role
     if spec == "omniglot":
         return _omniglot_split(spec, None, config)[half]
     if spec.startswith("folder:"):
+        if not spec[len("folder:"):].strip():
+            raise ValueError(f"data {spec!r} names no folder: give folder:<path to the class folders>")
         path = Path(spec[len("folder:"):]).expanduser()
         if not path.is_dir():
             raise _missing(spec, path)

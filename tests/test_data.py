@@ -1,6 +1,7 @@
 """bmssl.data: ImageSet and its splits, the rendered glyphs set and its cache, Omniglot from the
 shared zips (skipped with a reason where they are absent), and the class-folder loader."""
 import io
+import os
 import unicodedata
 import zipfile
 
@@ -222,6 +223,18 @@ def test_lookalikes_across_alphabets_are_kept_once():
     assert "\u0416" in names["Cyrillic"].chars  # ZHE has no Latin twin
 
 
+@pytest.mark.parametrize("field, value", [
+    ("scale", (0.0, 0.0)), ("scale", (1.2, 0.8)), ("aspect", (0.9, float("inf"))), ("aspect", (-1.0, 1.0)),
+    ("shift", 5.0), ("shift", -0.1), ("rotation_deg", float("nan")), ("shear", 3.0),
+    ("image_size", 28.5), ("image_size", 4), ("instances_per_class", 0), ("pens_per_class", True),
+    ("stroke_widths", (0.0, 0.5)), ("stroke_widths", ()), ("seed", -1),
+])
+def test_bad_glyph_config_names_the_field(field, value):
+    """Degenerate ranges once failed deep in the renderer (LinAlgError) or rendered blank images."""
+    with pytest.raises(ValueError, match=field):
+        glyphs.GlyphConfig(**{field: value})
+
+
 def test_unknown_glyph_alphabet_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown glyph alphabet.*Klingon"):
         data.load_glyphs(alphabets=("Klingon",), use_cache=False, show_progress=False)
@@ -240,6 +253,19 @@ def test_glyph_cache_round_trip(alphabet_names, private_cache, monkeypatch):
     monkeypatch.setattr(glyphs, "_render", render)
     small_glyphs(alphabet_names, use_cache=True, seed=1)
     assert len(list(private_cache.glob("glyphs-*.npz"))) == 2, "another seed must get its own file"
+
+
+def test_font_fingerprint_sees_a_file_replaced_with_the_same_name_size_and_mtime(tmp_path):
+    font = tmp_path / "Font-Regular.ttf"
+    font.write_bytes(b"A" * 64)
+    source = fonts.FontSource("custom:x", tmp_path, (font,))
+    before = source.fingerprint()
+    stat = font.stat()
+    font.write_bytes(b"B" * 64)
+    os.utime(font, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    fonts._sha1_of.cache_clear()  # what a new process sees: the hash is remembered per process
+    after = source.fingerprint()
+    assert before[0][:2] == after[0][:2] == ["Font-Regular.ttf", 64] and before != after
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "tampered", "empty"])
@@ -419,7 +445,7 @@ def test_omniglot_bad_paths_and_corrupt_zips(tmp_path):
         data.load_omniglot(tmp_path / "cut.zip")
     with zipfile.ZipFile(tmp_path / "badpng.zip", "w") as archive:
         archive.writestr("x/Alpha/character01/0001_01.png", b"\x89PNG not really")
-    with pytest.raises(ValueError, match="cannot read Omniglot image .*0001_01.png"):
+    with pytest.raises(ValueError, match="cannot read image x/Alpha/character01/0001_01.png in .*badpng.zip"):
         data.load_omniglot(tmp_path / "badpng.zip")
     (tmp_path / "nopng.zip").write_bytes(b"")
     with zipfile.ZipFile(tmp_path / "nopng.zip", "w") as archive:
@@ -539,3 +565,16 @@ def test_split_fractions_must_be_finite_and_a_class_name_part_is_one_class():
             dataset.split_by_class(fractions)
     named = dataset.split_by_class({"a": dataset.class_names[0], "b": dataset.class_names[1:3]})
     assert named["a"].class_names == dataset.class_names[:1] and named["b"].num_classes == 2
+
+
+def test_nested_layout_refuses_a_group_without_class_folders_and_warns_about_loose_images(tmp_path):
+    for group, cls in (("birds", "owl"), ("cats", "lynx")):
+        (tmp_path / group / cls).mkdir(parents=True)
+        solid((200, 10, 10)).save(tmp_path / group / cls / "a.png")
+    solid((1, 1, 1)).save(tmp_path / "cats" / "stray.png")
+    with pytest.warns(UserWarning, match="cats holds images directly"):
+        assert data.load_image_folder(tmp_path, image_size=8, layout="nested", show_progress=False).num_classes == 2
+    (tmp_path / "dogs").mkdir()
+    with pytest.raises(ValueError, match=r"without .* images.*dogs/"), pytest.warns(UserWarning, match="stray|cats"):
+        data.load_image_folder(tmp_path, image_size=8, layout="nested", show_progress=False)
+

@@ -1,6 +1,7 @@
 """Few-shot evaluation (bmssl/eval.py): the episode sampler, the two protocols on synthetic
 data whose answer is known, the confidence interval."""
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -65,6 +66,18 @@ def test_sampler_is_seeded_and_uses_the_task_batch_layout():
         assert (support_classes == support_classes[:, :1]).all()  # one class per row, class-major
         assert len(set(support_classes[:, 0].tolist())) == 3
         assert torch.equal(labels[q].reshape(3, 4)[:, 0], support_classes[:, 0])
+
+
+def test_sampler_warns_about_the_classes_too_small_for_an_episode():
+    labels = torch.tensor([0] * 6 + [1] * 6 + [2] * 6 + [3] * 3 + [4] * 2)
+    with pytest.warns(UserWarning, match=r"2 of 5 classes have fewer than 6 images .* \(class ids \[3, 4\]\)"):
+        sampler = EpisodeSampler(labels, ways=3, shots=2, queries=4)
+    assert sampler.left_out == [3, 4] and len(sampler.class_indices) == 3
+    support, query = sampler.indices(10)
+    assert not set(labels[torch.cat([support, query], 1).flatten()].tolist()) & {3, 4}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert EpisodeSampler(labels, ways=3, shots=1, queries=1).left_out == []
 
 
 def test_proto_on_separated_clusters_is_near_perfect():

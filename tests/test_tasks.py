@@ -366,6 +366,10 @@ def test_colour_jitter_on_grayscale_images_is_an_error():
     ("translate", 2.0), ("shear_degrees", 80.0), ("flip_prob", 1.5), ("brightness", -0.1),
     ("grayscale_prob", -0.5), ("noise_std", -1.0), ("padding_mode", "wrap"),
     ("interpolation", "area"), ("zoom", (1.0,)),
+    # non-finite values once gave all-NaN views
+    ("zoom", (1.0, float("inf"))), ("crop_ratio", (1.0, float("inf"))), ("crop_scale", (float("nan"), 1.0)),
+    ("brightness", float("inf")), ("contrast", float("inf")), ("saturation", float("nan")),
+    ("noise_std", float("inf")), ("rotation_degrees", float("nan")),
 ])
 def test_bad_augment_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):

@@ -157,6 +157,9 @@ def test_a_missing_data_path_names_the_path_and_the_fix(tmp_path, capsys, monkey
     for spec in (f"folder:{tmp_path / 'absent'}", str(tmp_path / "omniglot.zip")):
         status, _, err = bmssl("train", "--data", spec, "--out", tmp_path / "run", capsys=capsys)
         assert status == 2 and str(tmp_path) in err and "does not exist" in err and "--data glyphs" in err
+    for spec in ("folder:", "folder:  "):  # not the current folder
+        status, _, err = bmssl("train", "--data", spec, "--out", tmp_path / "run", capsys=capsys)
+        assert status == 2 and "names no folder" in err
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "no_omniglot"))
     status, _, err = bmssl("train", "--data", "omniglot", "--out", tmp_path / "run", capsys=capsys)
     assert status == 2 and str(tmp_path / "no_omniglot") in err and ENV_VAR in err and "--data glyphs" in err

@@ -70,6 +70,11 @@ def scan_image_folder(root, layout: str = "auto", extensions=IMAGE_EXTENSIONS) -
             (classes if direct[child] else empty).append((child.name, child.name, direct[child]))
     else:
         for group in children:
+            if _images_in(group, extensions):
+                warnings.warn(f"{group} holds images directly; in the nested layout they belong to no class "
+                              "and are ignored", stacklevel=3)
+            if not _visible_dirs(group):
+                empty.append((f"{group.name}/", group.name, []))
             for child in _visible_dirs(group):
                 images = _images_in(child, extensions)
                 entry = (f"{group.name}/{child.name}", group.name, images)

@@ -17,6 +17,7 @@ A font serves a script when its family is generic (NotoSans, DejaVuSerif, ...), 
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import re
@@ -68,8 +69,25 @@ class FontSource:
     files: tuple
 
     def fingerprint(self) -> list:
-        """[[file name, size in bytes], ...]: what the glyph cache key records of the fonts."""
-        return [[path.name, path.stat().st_size] for path in self.files]
+        """[[file name, size in bytes, sha1 of the bytes], ...]: what the glyph cache key records
+        of the fonts, so a font replaced in place (same name, same size) renders afresh."""
+        return [[path.name, path.stat().st_size, _content_sha1(path)] for path in self.files]
+
+
+def _content_sha1(path: Path) -> str:
+    """sha1 of a font file, remembered per (path, size, mtime) for this process: hashing the
+    ~200 Noto files takes a noticeable fraction of a second, once."""
+    stat = path.stat()
+    return _sha1_of(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=1024)
+def _sha1_of(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _style_files(directory: Path, prefix: str = "") -> tuple:

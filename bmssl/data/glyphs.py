@@ -26,6 +26,7 @@ this code and the Pillow / FreeType / Unicode versions.
 from __future__ import annotations
 
 import hashlib
+import math
 import unicodedata
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -64,8 +65,9 @@ class GlyphConfig:
         ~1 px strokes; a glyph that would lose most of its ink keeps the font's width).
     pens_per_class: a pen is a (font style, stroke width) pair; each character draws its
         instances in turn with at most this many pens, chosen at random.
-    rotation_deg, shear: symmetric uniform ranges; scale, aspect: (low, high) uniform ranges;
-        shift: the largest offset per axis, as a fraction of image_size.
+    rotation_deg (<= 180), shear (<= 1): symmetric uniform ranges; scale, aspect: (low, high)
+        uniform ranges, 0 < low <= high; shift (<= 0.5): the largest offset per axis, as a
+        fraction of image_size. Other values raise ValueError.
     seed: drives the pens and the jitter.
     """
 
@@ -84,17 +86,25 @@ class GlyphConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.image_size < 8:
-            raise ValueError(f"image_size must be >= 8 px, got {self.image_size}")
-        if self.instances_per_class < 1:
-            raise ValueError(f"instances_per_class must be >= 1, got {self.instances_per_class}")
+        for name, minimum in (("image_size", 8), ("instances_per_class", 1), ("max_classes_per_alphabet", 1),
+                              ("min_classes_per_alphabet", 1), ("pens_per_class", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+                raise ValueError(f"GlyphConfig.{name} must be an integer >= {minimum}, got {value!r}")
+        for name in ("scale", "aspect"):
+            pair = getattr(self, name)
+            if len(pair) != 2 or not all(math.isfinite(v) and v > 0 for v in pair) or pair[0] > pair[1]:
+                raise ValueError(f"GlyphConfig.{name} must be a (low, high) pair with 0 < low <= high, "
+                                 f"both finite, got {pair!r}")
+        for name, high in (("rotation_deg", 180.0), ("shear", 1.0), ("shift", 0.5)):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value <= high):
+                raise ValueError(f"GlyphConfig.{name} must lie in [0, {high}], got {value!r}")
         if not 1 <= self.min_classes_per_alphabet <= self.max_classes_per_alphabet:
             raise ValueError("need 1 <= min_classes_per_alphabet <= max_classes_per_alphabet, got "
                              f"{self.min_classes_per_alphabet} and {self.max_classes_per_alphabet}")
-        if self.pens_per_class < 1:
-            raise ValueError(f"pens_per_class must be >= 1, got {self.pens_per_class}")
-        if not self.stroke_widths or min(self.stroke_widths) <= -0.1:
-            raise ValueError("stroke_widths must be non-empty and > -0.1, got "
+        if not self.stroke_widths or not all(-0.1 < w <= 0.1 for w in self.stroke_widths):
+            raise ValueError("stroke_widths must be non-empty, each in (-0.1, 0.1], got "
                              f"{self.stroke_widths}")
         if self.alphabets is not None:
             names = (self.alphabets,) if isinstance(self.alphabets, str) else self.alphabets

@@ -104,7 +104,8 @@ def add_eval_command_arguments(parser: argparse.ArgumentParser) -> None:
 
     data = parser.add_argument_group("data (default: the first checkpoint's)")
     add(data, "data", DATA_HELP, metavar="SPEC")
-    add(data, "eval_data", "test on all of this spec instead of the held-out split of --data", metavar="SPEC")
+    add(data, "eval_data", "test on all of this spec instead of the held-out split of --data (refused when a test "
+        "image is also a training image)", metavar="SPEC")
     add(data, "image_size", "image side in pixels", type=int)
     add(data, "channels", "folder: data only: 1 or 3", type=int)
     add(data, "test_fraction", "fraction of the groups held out", type=float)

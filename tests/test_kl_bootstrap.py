@@ -124,6 +124,19 @@ def test_zero_probability_targets(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
+def test_a_target_row_without_a_finite_entry_gives_nan_not_zero(backend):
+    """softmax of an all -inf row does not exist: the row's KL is NaN on every backend (the twin
+    once gave 0 there, hiding the bad target), and the other rows are untouched."""
+    student, target = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    target[2] = float("-inf")
+    rows = bmssl.kl_bootstrap(student, target, 1.0, reduction="none", backend=backend)
+    assert torch.isnan(rows[2]) and torch.isfinite(rows[[0, 1, 3]]).all()
+    assert torch.allclose(rows[[0, 1, 3]], bmssl.kl_bootstrap(student[[0, 1, 3]], target[[0, 1, 3]], 1.0,
+                                                              reduction="none", backend="torch"))
+    assert torch.isnan(bmssl.kl_bootstrap(student, target, 1.0, backend=backend))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
 def test_identical_inputs_give_zero(backend):
     x = torch.randn(20, 7)
     assert bmssl.kl_bootstrap(x, x.clone(), 2.0, backend=backend).abs().item() < 1e-6

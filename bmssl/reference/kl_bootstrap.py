@@ -4,7 +4,8 @@
            = sum_j q_j (log q_j - log p_j),   q = softmax(target/T), p = softmax(student/T)
     d row_kl / d student = (p - q) / T
 
-The target is a stop-gradient (it is detached). Entries where q_j = 0 add nothing.
+The target is a stop-gradient (it is detached). Entries where q_j = 0 add nothing. A target row
+with no finite entry has no softmax: its KL is NaN (as in every backend), never a silent 0.
 """
 import torch
 
@@ -19,7 +20,7 @@ def kl_bootstrap_rows(student: torch.Tensor, target: torch.Tensor, temperature: 
     log_p = torch.log_softmax(student.to(acc) / temperature, dim=-1)
     log_q = torch.log_softmax(target.detach().to(acc) / temperature, dim=-1)
     q = log_q.exp()
-    terms = torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q))
+    terms = torch.where(q == 0, torch.zeros_like(q), q * (log_q - log_p))  # a NaN q stays NaN
     return terms.sum(dim=-1)
 
 

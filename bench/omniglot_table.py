@@ -17,6 +17,8 @@ Methods. scratch, simclr, metassl, bmssl: the engine's MetaConfig with only `met
 bmssl_task (opt-in remedy, not the engine's default): outer = KL(π_{w_{L+δ}} ‖ π_{w_L}) +
 task_weight · l(w_L; query), i.e. BMSSL's bootstrapped KL plus the MetaSSL query loss of the
 same w_L (Flennerhag et al. 2021 combine the bootstrapped matching loss with the task loss).
+bmssl_sq: the engine's bmssl with MetaConfig(target_data="support+query"): the δ target steps
+also train on the query views, so the target knows data that w_L has not seen.
 
 Evaluation (bmssl.eval semantics, exact, on cached features). Episodes come from
 bmssl.eval.EpisodeSampler with one seed, so every method is scored on the same episodes (and
@@ -58,12 +60,13 @@ from bmssl.progress import progress
 from bmssl.tasks import make_tasks
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("scratch", "simclr", "metassl", "bmssl", "bmssl_task")
+METHODS = ("scratch", "simclr", "metassl", "bmssl", "bmssl_sq", "bmssl_task")
 DEFAULT_METHODS = METHODS
 SETTINGS = ((5, 1), (5, 5), (20, 1))
 PROTOCOLS = ("proto", "finetune")
 LABELS = {"scratch": "scratch (random init)", "simclr": "SimCLR", "metassl": "MetaSSL",
-          "bmssl": "BMSSL (engine default)", "bmssl_task": "BMSSL + task loss (remedy, opt-in)"}
+          "bmssl": "BMSSL (engine default)",
+          "bmssl_sq": "BMSSL, target steps on support + query (target_data option)", "bmssl_task": "BMSSL + task loss (remedy, opt-in)"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +131,8 @@ class CombinedLearner(MetaLearner):
 
 
 def make_learner(method: str, args):
-    config = MetaConfig(method="bmssl" if method == "bmssl_task" else method, inner_steps=args.inner_steps,
+    config = MetaConfig(method="bmssl" if method.startswith("bmssl") else method, inner_steps=args.inner_steps,
+                        target_data="support+query" if method == "bmssl_sq" else "support",
                         inner_lr=args.inner_lr, target_steps=args.target_steps, order=args.order,
                         outer_lr=args.outer_lr, warmup_steps=min(args.warmup_steps, args.steps), total_steps=max(args.steps, 1),
                         clip_grad_norm=args.clip_grad_norm, seed=args.seed)
@@ -379,8 +383,8 @@ def write_table(out_dir: Path, args):
         cells += [f"{rate:.2f}" if rate else "–", f"{record['wall_s']['train_incl_task_sampling']:.0f}"]
         lines.append(f"| {record['label']} | " + " | ".join(cells) + " |")
     pairs = [(a, b) for a, b in (("bmssl", "metassl"), ("metassl", "scratch"), ("bmssl", "scratch"),
-                                 ("metassl", "simclr"), ("bmssl", "simclr"), ("bmssl_task", "bmssl"),
-                                 ("bmssl_task", "metassl")) if a in records and b in records]
+                                 ("metassl", "simclr"), ("bmssl", "simclr"), ("bmssl_sq", "bmssl"),
+                                 ("bmssl_sq", "metassl"), ("bmssl_task", "bmssl"), ("bmssl_task", "metassl")) if a in records and b in records]
     if pairs:
         lines += ["", "## Paired differences (same episodes; mean ± 95% CI of the per-episode difference, points)",
                   "", "| difference | " + " | ".join(f"{p} {s}" for p in PROTOCOLS for s in ("5w1s", "5w5s", "20w1s"))

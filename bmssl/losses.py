@@ -8,9 +8,10 @@ All three run bmssl.ops.ntxent (any backend, BMSSL_BACKEND or backend=), are dif
 twice, and trace under torch.compile.
 """
 import torch
+import torch.distributed as dist
 
 from bmssl.ops.ntxent import ntxent
-from bmssl.validate import check_integer_labels
+from bmssl.validate import check_integer_labels, values_readable
 
 
 class NTXentLoss(torch.nn.Module):
@@ -18,15 +19,20 @@ class NTXentLoss(torch.nn.Module):
 
     loss(out0 [N, d], out1 [N, d]): rows are L2-normalised; each of the 2N rows is an anchor
     whose positive is its partner view and whose negatives are the other 2N - 2 rows; mean over
-    the 2N anchors. lightly's memory bank and distributed gathering are not supported here
-    (use bmssl.distributed.ntxent_gathered for the latter).
+    the 2N anchors. gather_distributed=True (in an initialised torch.distributed group of more
+    than one rank) takes the rows of every rank as negatives, as lightly's does, through
+    bmssl.distributed.ntxent_gathered: every rank must pass the same N, and the backward sums
+    the gradients all ranks send to a row. lightly's memory bank is not supported.
     """
 
-    def __init__(self, temperature: float = 0.5, memory_bank_size: int = 0, backend: str | None = None):
+    def __init__(self, temperature: float = 0.5, memory_bank_size: int = 0, gather_distributed: bool = False,
+                 backend: str | None = None):
         super().__init__()
         if memory_bank_size:
             raise ValueError("NTXentLoss: a memory bank is not supported (memory_bank_size must be 0)")
-        self.temperature, self.backend = temperature, backend
+        if not isinstance(gather_distributed, bool):
+            raise ValueError(f"NTXentLoss: gather_distributed must be True or False, got {gather_distributed!r}")
+        self.temperature, self.gather_distributed, self.backend = temperature, gather_distributed, backend
 
     def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
         if not isinstance(out0, torch.Tensor) or not isinstance(out1, torch.Tensor) or out0.shape != out1.shape:
@@ -40,6 +46,11 @@ class NTXentLoss(torch.nn.Module):
         views = torch.stack([out0, out1], dim=1)  # [N, 2, d]: image j's two views share label j
         z = views.reshape(-1, views.shape[-1])
         labels = torch.arange(out0.shape[0], device=out0.device).repeat_interleave(2)
+        if self.gather_distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            from bmssl.distributed import ntxent_gathered
+
+            labels = labels + dist.get_rank() * out0.shape[0]  # image j of rank r: one global label
+            return ntxent_gathered(z, labels, self.temperature, "in", normalize=True, backend=self.backend)
         return ntxent(z, labels, self.temperature, "in", normalize=True, backend=self.backend)
 
 
@@ -75,7 +86,7 @@ class SupConLoss(torch.nn.Module):
             check_integer_labels("SupConLoss", "labels", labels)
             if labels.shape != (batch,):
                 raise ValueError(f"SupConLoss: labels must be [bsz] = [{batch}], got {tuple(labels.shape)}")
-            labels = torch.unique(labels, return_inverse=True)[1]  # any integers -> [0, #classes)
+            labels = dense_labels("SupConLoss", labels, "sample", views)  # any integers -> [0, #classes)
         z = features.reshape(batch * views, -1)
         loss = ntxent(z, labels.repeat_interleave(views), self.temperature, "out", normalize=False,
                       backend=self.backend)
@@ -100,6 +111,22 @@ class PairwiseNTXentLoss(torch.nn.Module):
         check_integer_labels("PairwiseNTXentLoss", "labels", labels)
         if labels.dim() != 1:
             raise ValueError(f"PairwiseNTXentLoss: labels must be a 1-D tensor, got shape {tuple(labels.shape)}")
-        labels = torch.unique(labels, return_inverse=True)[1]
+        labels = dense_labels("PairwiseNTXentLoss", labels, "row")
         return ntxent(embeddings, labels, self.temperature, self.variant, normalize=True,
                       backend=self.backend)
+
+
+def dense_labels(op: str, labels: torch.Tensor, item: str, views: int = 1) -> torch.Tensor:
+    """Any integer labels as 0 .. classes - 1 (torch.unique's inverse). Each label needs a positive:
+    another view of its item (views >= 2) or another item with that label; an error names the
+    caller's label and item, not the dense ones the kernels see."""
+    classes, dense, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    if views < 2 and values_readable() and labels.device.type != "meta":
+        lonely = (counts < 2).nonzero()
+        if lonely.numel():
+            label = classes[lonely[0, 0]]
+            index = int((labels == label).nonzero()[0, 0])
+            raise ValueError(f"{op}: {item} {index} (label {int(label)}) has no positive: every label must occur "
+                             f"at least twice{' (n_views = 1)' if item == 'sample' else ''}; "
+                             f"{lonely.numel()} labels occur once")
+    return dense

@@ -20,11 +20,21 @@ def values_readable() -> bool:
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
-def check_temperature(op: str, temperature) -> float:
+def check_temperature(op: str, temperature) -> float | None:
+    """The temperature as a float; None for a tensor whose value cannot be read here (under
+    torch.compile or a CUDA graph capture), which the op then applies in the graph (its rows
+    scaled by T^-1/2, or its logits divided by T). Compiled, T > 0 is asserted in the graph:
+    a RuntimeError when it runs."""
     if isinstance(temperature, torch.Tensor):
-        if temperature.numel() != 1:
-            raise ValueError(f"{op}: temperature must be a number, got a tensor of shape "
+        if temperature.numel() != 1 or temperature.dtype.is_complex or temperature.dtype == torch.bool:
+            raise ValueError(f"{op}: temperature must be a number, got a {temperature.dtype} tensor of shape "
                              f"{tuple(temperature.shape)}")
+        if not values_readable():
+            if torch.compiler.is_compiling():
+                value = temperature.detach().reshape(())
+                torch._assert_async(torch.isfinite(value) & (value > 0),
+                                    f"{op}: temperature must be finite and > 0")
+            return None
         temperature = temperature.detach().item()
     if not isinstance(temperature, numbers.Real) or isinstance(temperature, bool):
         raise ValueError(f"{op}: temperature must be a number, got {type(temperature).__name__}")
@@ -77,7 +87,7 @@ def check_choice(op: str, name: str, value, choices) -> None:
         raise ValueError(f"{op}: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
-def check_kl_bootstrap(student, target, temperature, reduction) -> float:
+def check_kl_bootstrap(student, target, temperature, reduction) -> float | None:
     op = "kl_bootstrap"
     check_float_tensor(op, "student", student)
     check_float_tensor(op, "target", target)
@@ -97,7 +107,7 @@ def check_kl_bootstrap(student, target, temperature, reduction) -> float:
     return check_temperature(op, temperature)
 
 
-def check_ntxent(z, labels, temperature, variant) -> float:
+def check_ntxent(z, labels, temperature, variant) -> float | None:
     """z [B, d] or [T, B, d]; labels [B] or [T, B], integers in [0, B), each with a positive."""
     op = "ntxent"
     check_float_input(op, "z", z, (2, 3), "[B, d] or [T, B, d]")
@@ -113,6 +123,7 @@ def check_ntxent(z, labels, temperature, variant) -> float:
         # labels out of range, or an anchor with no positive); meta tensors have no values
         return check_temperature(op, temperature)
     batch = z.shape[-2]
+    labels = labels.long()  # torch has no min / max for uint16, uint32, uint64
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= batch:
         raise ValueError(f"{op}: labels must lie in [0, B) = [0, {batch}), got values in [{low}, {high}]")
@@ -128,7 +139,7 @@ def check_ntxent(z, labels, temperature, variant) -> float:
     return check_temperature(op, temperature)
 
 
-def check_ntxent_rect(z_rows, z_cols, labels_rows, labels_cols, row_offset, temperature, variant) -> float:
+def check_ntxent_rect(z_rows, z_cols, labels_rows, labels_cols, row_offset, temperature, variant) -> float | None:
     """z_rows [R, d] are columns row_offset .. row_offset + R - 1 of z_cols [N, d]; integer labels
     in [0, N); every row needs a positive among the columns other than itself."""
     op = "ntxent_rect"
@@ -155,6 +166,7 @@ def check_ntxent_rect(z_rows, z_cols, labels_rows, labels_cols, row_offset, temp
     check_choice(op, "variant", variant, VARIANTS)
     if values_readable() and z_rows.device.type != "meta":
         columns = z_cols.shape[0]
+        labels_rows, labels_cols = labels_rows.long(), labels_cols.long()  # no min / max for uint16..64
         if int(labels_cols.min()) < 0 or int(labels_cols.max()) >= columns:
             raise ValueError(f"{op}: labels must lie in [0, N) = [0, {columns})")
         if not torch.equal(labels_cols[row_offset:row_offset + z_rows.shape[0]], labels_rows):

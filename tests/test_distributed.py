@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import bmssl
 import bmssl.distributed
+import bmssl.losses
 from bmssl import reference
 
 
@@ -131,6 +132,40 @@ def test_two_gloo_processes_equal_one_process(tmp_path, variant):
     (global_grad,) = torch.autograd.grad(global_loss, z)
     torch.testing.assert_close(torch.stack([r["loss"] for r in results]).mean(), global_loss)
     torch.testing.assert_close(torch.cat([r["grad"] for r in results]), world * global_grad)
+
+
+def _lightly_rank_main(rank, world, port, out0_all, out1_all, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        local = out0_all.shape[0] // world
+        out0 = out0_all[rank * local:(rank + 1) * local].clone().requires_grad_()
+        out1 = out1_all[rank * local:(rank + 1) * local].clone().requires_grad_()
+        loss = bmssl.losses.NTXentLoss(0.4, gather_distributed=True, backend="cpu")(out0, out1)
+        alone = bmssl.losses.NTXentLoss(0.4, backend="cpu")(out0.detach(), out1.detach())
+        loss.backward()
+        torch.save({"loss": loss.detach(), "alone": alone, "grads": (out0.grad, out1.grad)},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_lightly_style_gather_distributed_with_two_gloo_processes(tmp_path):
+    """NTXentLoss(gather_distributed=True) on 2 ranks: the mean of the ranks' losses is the loss of
+    one process with both batches, and each rank's gradient is world × that of the global loss
+    (for DDP's averaging); without the flag each rank sees only its own negatives."""
+    world, local = 2, 3
+    generator = torch.Generator().manual_seed(1)
+    out0_all, out1_all = torch.randn(2, world * local, 5, dtype=torch.float64, generator=generator)
+    mp.spawn(_lightly_rank_main, args=(world, _free_port(), out0_all, out1_all, str(tmp_path)), nprocs=world)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    out0, out1 = out0_all.clone().requires_grad_(), out1_all.clone().requires_grad_()
+    global_loss = bmssl.losses.NTXentLoss(0.4, backend="cpu")(out0, out1)
+    global_grads = torch.autograd.grad(global_loss, (out0, out1))
+    torch.testing.assert_close(torch.stack([r["loss"] for r in results]).mean(), global_loss)
+    for side in (0, 1):
+        torch.testing.assert_close(torch.cat([r["grads"][side] for r in results]), world * global_grads[side])
+    assert all(abs(r["alone"] - r["loss"]) > 1e-3 for r in results)  # the gathered negatives mattered
 
 
 def test_without_a_process_group_it_is_the_plain_loss():

@@ -110,6 +110,13 @@ def test_drop_ins_compile_without_graph_breaks():
     torch.testing.assert_close(loss(out0, out1), lightly_ntxent(out0, out1, 0.5))
 
 
+def test_lightly_gather_distributed_flag_is_accepted_and_without_a_group_changes_nothing():
+    out0, out1 = torch.randn(5, 4), torch.randn(5, 4)
+    want = lightly_ntxent(out0, out1, 0.5)
+    for flag in (False, True):  # tests/test_distributed.py runs True on 2 gloo processes
+        torch.testing.assert_close(NTXentLoss(0.5, gather_distributed=flag)(out0, out1), want)
+
+
 @pytest.mark.parametrize("make, args, message", [
     (lambda: NTXentLoss(0.5), (torch.randn(3, 4), torch.randn(4, 4)), "one shape"),
     (lambda: NTXentLoss(0.5, memory_bank_size=10), None, "memory bank"),
@@ -117,7 +124,11 @@ def test_drop_ins_compile_without_graph_breaks():
     (lambda: SupConLoss(contrast_mode="one"), None, "contrast_mode"),
     (lambda: SupConLoss(), (torch.randn(4, 8),), r"\[bsz, n_views, d\]"),
     (lambda: SupConLoss(), (torch.randn(4, 2, 8), torch.tensor([0, 1, 2])), "labels must be"),
-    (lambda: PairwiseNTXentLoss(), (torch.randn(4, 3), torch.tensor([0, 0, 1, 2])), "no positive"),
+    (lambda: PairwiseNTXentLoss(), (torch.randn(6, 3), torch.tensor([10, 10, 20, 20, 30, 99])),
+     r"row 4 \(label 30\) has no positive"),
+    (lambda: SupConLoss(), (torch.randn(4, 1, 8), torch.tensor([7, 7, 5, 42])),
+     r"sample 2 \(label 5\) has no positive.*n_views = 1"),
+    (lambda: NTXentLoss(0.5, gather_distributed="yes"), None, "gather_distributed must be True or False"),
     (lambda: PairwiseNTXentLoss(), (torch.randn(6, 3), torch.tensor([.1, .1, .2, .2, .3, .3])), "integer tensor"),
     (lambda: SupConLoss(), (torch.randn(4, 2, 8), torch.tensor([0.5, 0.5, 1.2, 7.7])), "integer tensor"),
     (lambda: SupConLoss(), (torch.randn(4, 2, 8), torch.tensor([True, False, True, False])), "integer tensor"),

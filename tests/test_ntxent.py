@@ -413,3 +413,17 @@ def test_fp16_zero_rows_and_huge_rows_normalise_like_the_twin(backend):
 def test_triton_interpreter_refuses_bf16_rather_than_computing_it_wrongly():
     with pytest.raises(bmssl.ops.BackendUnavailableError, match="interpreter computes ntxent in torch.bfloat16"):
         bmssl.ntxent(torch.randn(6, 8).bfloat16(), torch.tensor([0, 0, 1, 1, 2, 2]), backend="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16, torch.uint16, torch.int32, torch.uint32,
+                                   torch.uint64])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_every_integer_label_dtype_gives_the_int64_loss(dtype, backend):
+    z = torch.randn(8, 6, dtype=torch.float32)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    want = bmssl.ntxent(z, labels, 0.5, backend=backend)
+    torch.testing.assert_close(bmssl.ntxent(z, labels.to(dtype), 0.5, backend=backend), want)
+    rect = bmssl.ops.ntxent_rect(z[2:6], z, labels[2:6].to(dtype), labels.to(dtype), 2, 0.5)
+    torch.testing.assert_close(rect, bmssl.ops.ntxent_rect(z[2:6], z, labels[2:6], labels, 2, 0.5))
+    with pytest.raises(ValueError, match="labels must lie in"):
+        bmssl.ntxent(z, torch.full((8,), 9).to(dtype), 0.5, backend=backend)

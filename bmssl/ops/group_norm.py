@@ -17,7 +17,9 @@ import torch
 
 from bmssl import _extension, backends, reference
 from bmssl import triton as bmssl_triton
+from bmssl.ops._autocast import autocast_enabled
 from bmssl.ops._autograd import register_no_derivative
+from bmssl.ops._fake import output_like
 from bmssl.ops._vmap import fold_vmapped_dim
 from bmssl.validate import check_group_norm
 
@@ -38,11 +40,11 @@ def _fake_forward(x, weight, bias, groups, eps, relu, pool):
 
 
 def _fake_backward(grad_y, x, weight, bias, stats, groups, relu, pool):
-    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)
+    return output_like(x), output_like(weight), output_like(bias)
 
 
 def _fake_double_backward(gg_x, gg_weight, gg_bias, grad_y, x, weight, bias, stats, groups, relu, pool):
-    return torch.empty_like(grad_y), torch.empty_like(x), torch.empty_like(weight)
+    return output_like(grad_y, x.dtype), output_like(x), output_like(weight)
 
 
 def _register_raw(forward, backward, double_backward):
@@ -200,7 +202,11 @@ def group_norm(x, weight, bias, groups, eps=1e-5, relu=False, pool=False, backen
     variance, as F.group_norm), then ReLU if `relu`, then a 2x2 stride-2 max-pool (floor) if
     `pool`. One fused op (twice differentiable, vmap over tasks with per-task affine) on the C++
     CPU backend (fp32/fp64) and the Triton backend (fp16/bf16/fp32); other inputs take the twin.
-    backend: see bmssl.backends."""
+    backend: see bmssl.backends. Under torch.autocast, weight and bias are cast to x's dtype (a
+    bf16 conv output with fp32 parameters, as F.group_norm takes it on CPU)."""
+    if autocast_enabled(x.device) and isinstance(x, torch.Tensor) and x.dtype.is_floating_point:
+        weight = weight.to(x.dtype) if isinstance(weight, torch.Tensor) else weight
+        bias = bias.to(x.dtype) if isinstance(bias, torch.Tensor) else bias
     groups, eps = check_group_norm(x, weight, bias, groups, eps, pool)
     name = backends.choose(SUPPORT, x.device, x.dtype, backend)
     if name == "torch":

@@ -13,6 +13,8 @@ import torch
 
 from bmssl import _extension, backends, reference
 from bmssl import triton as bmssl_triton
+from bmssl.ops._autocast import twin_context
+from bmssl.ops._fake import output_like
 from bmssl.ops._vmap import fold_vmapped_dim
 from bmssl.reference.kl_bootstrap import accumulation_dtype
 from bmssl.validate import check_kl_bootstrap
@@ -27,7 +29,7 @@ def _fake_rows(student, target, temperature):
 
 
 def _fake_rows_backward(grad_row_kl, student, target, row_lse, temperature):
-    return torch.empty_like(student)
+    return output_like(student)
 
 
 def student_grad_of_grad(grad_row_kl, student, target, temperature, upstream):
@@ -164,10 +166,17 @@ def kl_bootstrap(student: torch.Tensor, target: torch.Tensor, temperature: float
     "sum", or "none" for per-row values of shape [...]. Returns student's dtype, accumulated in
     fp32 (fp64 for fp64). backend: see bmssl.backends (default: BMSSL_BACKEND or "auto").
     """
-    temperature = check_kl_bootstrap(student, target, temperature, reduction)
+    tau = check_kl_bootstrap(student, target, temperature, reduction)
+    if tau is None:  # a tensor T under torch.compile: KL of (student / T, target / T) at T = 1
+        scale = temperature.detach().reshape(()).to(student.device, accumulation_dtype(student.dtype))
+        student = (student.to(scale.dtype) / scale).to(student.dtype)
+        target = (target.to(scale.dtype) / scale).to(target.dtype)
+        tau = 1.0
+    temperature = tau
     name = backends.choose(SUPPORT, student.device, student.dtype, backend)
     if name == "torch":
-        return reference.kl_bootstrap(student, target, temperature, reduction)
+        with twin_context(student.device):
+            return reference.kl_bootstrap(student, target, temperature, reduction)
     classes = student.shape[-1]
     row_kl, _ = KLRows.apply(student.reshape(-1, classes), target.detach().reshape(-1, classes),
                              temperature, name)

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 
 from bmssl import _extension, backends, reference
 from bmssl import triton as bmssl_triton
+from bmssl.ops._autocast import twin_context
 from bmssl.ops._autograd import register_no_derivative
+from bmssl.ops._fake import output_like
 from bmssl.ops._vmap import fold_vmapped_dim
 from bmssl.reference.kl_bootstrap import accumulation_dtype
 from bmssl.validate import check_ntxent, check_ntxent_rect, check_views
@@ -45,11 +47,11 @@ def _fake_forward(u, labels, inv_tau, variant):
 
 
 def _fake_backward(grad_task_loss, u, labels, row_stats, inv_tau, variant):
-    return torch.empty_like(u)
+    return output_like(u)
 
 
 def _fake_double_backward(grad_grad_u, grad_task_loss, u, labels, row_stats, inv_tau, variant):
-    return torch.empty_like(grad_task_loss), torch.empty_like(u)
+    return output_like(grad_task_loss), output_like(u)
 
 
 def _register_raw(forward, backward, double_backward):
@@ -105,7 +107,7 @@ if _extension.loaded():
     @torch.library.register_fake("bmssl::ntxent_rect_backward")
     def _fake_rect_backward(grad_loss, u_rows, u_cols, labels_rows, labels_cols, stats, row_offset,
                             inv_tau, variant):
-        return torch.empty_like(u_rows), torch.empty_like(u_cols)
+        return output_like(u_rows), output_like(u_cols)
 
 
 class NTXentRect(torch.autograd.Function):
@@ -158,12 +160,13 @@ def ntxent_rect(z_rows, z_cols, labels_rows, labels_cols, row_offset, temperatur
     ranks: see bmssl.distributed). labels_* integers in [0, N). Mean over the R anchors; the
     gradient reaches z_rows and z_cols. Once differentiable."""
     tau = check_ntxent_rect(z_rows, z_cols, labels_rows, labels_cols, row_offset, temperature, variant)
-    if learnable(temperature):
+    if tau is None or learnable(temperature):
         z_rows, z_cols = unit_rows(z_rows, normalize, temperature), unit_rows(z_cols, normalize, temperature)
         normalize, tau = False, 1.0
     name = backends.choose(RECT_SUPPORT, z_rows.device, z_rows.dtype, backend)
     if name == "torch":
-        return reference.ntxent_rect(z_rows, z_cols, labels_rows, labels_cols, row_offset, tau, variant, normalize)
+        with twin_context(z_rows.device):
+            return reference.ntxent_rect(z_rows, z_cols, labels_rows, labels_cols, row_offset, tau, variant, normalize)
     u_rows, u_cols = unit_rows(z_rows, normalize), unit_rows(z_cols, normalize)
     loss, _ = NTXentRect.apply(u_rows.contiguous(), u_cols.contiguous(), labels_rows.long().contiguous(),
                                labels_cols.long().contiguous(), int(row_offset), 1.0 / tau, variant, name)
@@ -279,13 +282,15 @@ def ntxent(z, labels, temperature=0.1, variant="in", normalize=True, backend=Non
     first. Returns the mean over anchors (and tasks) in z's dtype, accumulated in fp32 (fp64 for
     fp64). temperature: a number, or a one-element tensor; one that requires grad gets its
     gradient (the rows are scaled by temperature^-1/2 in torch ops before the kernels, which then
-    run at temperature 1). backend: see bmssl.backends (default: BMSSL_BACKEND or "auto")."""
+    run at temperature 1; so is any tensor temperature under torch.compile, where its value cannot
+    be read). backend: see bmssl.backends (default: BMSSL_BACKEND or "auto")."""
     tau = check_ntxent(z, labels, temperature, variant)
-    if learnable(temperature):
+    if tau is None or learnable(temperature):  # T applied in the graph (learnable, or compiled)
         z, normalize, tau = unit_rows(z, normalize, temperature), False, 1.0
     name = backends.choose(SUPPORT, z.device, z.dtype, backend, shape=z.shape)
     if name == "torch":
-        return reference.ntxent(z, labels, tau, variant, normalize)
+        with twin_context(z.device):
+            return reference.ntxent(z, labels, tau, variant, normalize)
     tasks_z = z if z.dim() == 3 else z.unsqueeze(0)
     tasks_labels = (labels if labels.dim() == 2 else labels.unsqueeze(0)).long()
     u = unit_rows(tasks_z, normalize)

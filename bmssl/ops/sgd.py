@@ -13,7 +13,9 @@ import torch
 
 from bmssl import _extension, backends
 from bmssl import triton as bmssl_triton
+from bmssl.ops._fake import output_like
 from bmssl.reference import sgd as reference_sgd
+from bmssl.validate import values_readable
 
 SUPPORT = backends.OpSupport(
     name="sgd_unroll_step", backends=("cpu", "cuda", "triton"),
@@ -26,7 +28,7 @@ if _extension.loaded():
 
     @torch.library.register_fake("bmssl::sgd_unroll_step")
     def _fake(params, grads, lr):
-        return [torch.empty_like(p) for p in params]
+        return [output_like(p) for p in params]
 
 if bmssl_triton.triton is not None:
     from bmssl.triton import sgd_unroll_step as _triton_sgd
@@ -37,7 +39,7 @@ if bmssl_triton.triton is not None:
 
     @sgd_unroll_step_triton.register_fake
     def _fake_triton(params, grads, lr):
-        return [torch.empty_like(p) for p in params]
+        return [output_like(p) for p in params]
 
     STEP_OPS["triton"] = sgd_unroll_step_triton
 
@@ -52,8 +54,24 @@ def _backward_raw(ctx, grad_outs):
     return list(grad_outs), [-ctx.lr * g for g in grad_outs], None
 
 
+def _vmap_rule(op):
+    """vmap of a raw op: the vmapped dim of every tensor moved to the front (a tensor that vmap
+    does not batch is expanded), then one launch for the whole batch."""
+
+    def rule(info, in_dims, params, grads, lr):
+        def batched(tensors, dims):
+            return [x.movedim(d, 0) if d is not None else x.expand(info.batch_size, *x.shape)
+                    for x, d in zip(tensors, dims)]
+
+        outs = op(batched(params, in_dims[0]), batched(grads, in_dims[1]), lr)
+        return outs, [0] * len(outs)
+
+    return rule
+
+
 for _op in {id(op): op for op in STEP_OPS.values()}.values():
     torch.library.register_autograd(_op, _backward_raw, setup_context=_setup_raw)
+    torch.library.register_vmap(_op, _vmap_rule(_op))
 
 
 class SGDStep(torch.autograd.Function):
@@ -103,10 +121,13 @@ def sgd_unroll_step(params, grads, lr, backend=None):
     if not params:
         return {} if keys is not None else []
     name = backends.choose(SUPPORT, params[0].device, params[0].dtype, backend)
-    if name == "torch":
+    if name == "torch" or lr_value is None:  # None: a tensor lr under torch.compile, applied in the graph
         outs = reference_sgd.sgd_unroll_step(params, grads, lr)
     else:
-        outs = list(SGDStep.apply(lr_value, name, *params, *grads))
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (*params, *grads)):
+            outs = list(SGDStep.apply(lr_value, name, *params, *grads))
+        else:  # no gradient wanted: the raw op (torch.compile misbinds SGDStep's arguments then)
+            outs = list(STEP_OPS[name](params, grads, lr_value))
         if isinstance(lr, torch.Tensor) and lr.requires_grad:
             # a learnable lr: out = p - c·g + (c - lr)·g with c = lr's value as a constant. The
             # added term is 0 but carries d out / d lr = -g (and the mixed second derivative),
@@ -116,12 +137,18 @@ def sgd_unroll_step(params, grads, lr, backend=None):
     return dict(zip(keys, outs)) if keys is not None else outs
 
 
-def check_lr(lr) -> float:
-    """lr: a finite real number or a one-element real tensor (which may require grad)."""
+def check_lr(lr) -> float | None:
+    """lr: a finite real number or a one-element real tensor (which may require grad). Returns
+    its value, or None for a tensor under torch.compile or a CUDA graph capture, whose value
+    cannot be read there (compiled, finiteness is asserted in the graph: a RuntimeError)."""
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1 or not lr.dtype.is_floating_point:
             raise ValueError(f"sgd_unroll_step: lr must be a number or a one-element float tensor, got a "
                              f"{lr.dtype} tensor of shape {tuple(lr.shape)}")
+        if not values_readable():
+            if torch.compiler.is_compiling():
+                torch._assert_async(torch.isfinite(lr.detach().reshape(())), "sgd_unroll_step: lr must be finite")
+            return None
         value = float(lr.detach())
     elif isinstance(lr, numbers.Real) and not isinstance(lr, bool):
         value = float(lr)

@@ -2,6 +2,7 @@
 and `torchrun --nproc_per_node=W -m bmssl train ...`). Train and eval live in bmssl.training and
 bmssl.evaluation_cli; this module only parses."""
 import argparse
+import os
 import platform
 import sys
 
@@ -13,6 +14,8 @@ from bmssl import triton as bmssl_triton
 
 
 def info(_args):
+    """Versions, device, backends and build flags. An invalid BMSSL_BACKEND is reported in its
+    line, the rest is still printed, and the exit status is 2."""
     print(f"bmssl {bmssl.__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__} "
           f"(CUDA {torch.version.cuda}), triton "
@@ -21,7 +24,11 @@ def info(_args):
         print(f"device: {torch.cuda.get_device_name(0)} (CUDA, {torch.cuda.device_count()} visible)")
     else:
         print(f"device: cpu ({platform.machine()}, {torch.get_num_threads()} threads); no CUDA device")
-    print(f"backend requested: {backends.requested()} (BMSSL_BACKEND)")
+    try:
+        requested, problem = f"{backends.requested()} ({backends.ENV_VAR})", None
+    except ValueError as error:
+        requested, problem = f"none: {backends.ENV_VAR}={os.environ.get(backends.ENV_VAR)!r} is invalid", error
+    print(f"backend requested: {requested}")
     print("backends:")
     for name, state in backends.status().items():
         print(f"  {name:<7} {state}")
@@ -31,6 +38,9 @@ def info(_args):
     print(f"  bmssl._C: {'loaded' if _extension.loaded() else _extension.LOAD_ERROR}")
     for key, value in {**facts, **config}.items():
         print(f"  {key}: {value}")
+    if problem is not None:
+        print(f"bmssl info: error: {problem}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -60,7 +70,8 @@ def build_parser():
                                      "Learning: fused kernels and engine.")
     parser.add_argument("--version", action="version", version=f"bmssl {bmssl.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("info", help="versions, backends, device and build flags").set_defaults(run=info)
+    commands.add_parser("info", help="versions, backends, device and build flags").set_defaults(
+        run=_guarded(info, "info"))
     bench_parser = commands.add_parser("bench", help="benchmark an op against plain PyTorch and torch.compile")
     ops = bench_parser.add_subparsers(dest="op", required=True)
     from bmssl.bench import kl_bootstrap, ntxent

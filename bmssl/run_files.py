@@ -7,6 +7,7 @@ folder, flushed and fsynced, then os.replace), so a crash never leaves half a fi
 """
 from __future__ import annotations
 
+import codecs
 import json
 import math
 import os
@@ -107,10 +108,11 @@ def save_checkpoint(path, *, step: int, learner_state: dict, generator_state: to
     return atomic_write(path, lambda handle: torch.save(state, handle))
 
 
-def load_checkpoint(path) -> dict:
+def load_checkpoint(path, resuming: bool = False) -> dict:
     """Read and check a checkpoint written by save_checkpoint (RUN_DIR or a file).
     FileNotFoundError when it is missing; ValueError when it is corrupt, truncated or not a
-    bmssl checkpoint (never a raw unpickling traceback)."""
+    bmssl checkpoint (never a raw unpickling traceback). `resuming`: the error advises what
+    --resume can do instead."""
     given = Path(path).expanduser()
     file = checkpoint_path(given)
     if not file.is_file():
@@ -120,10 +122,16 @@ def load_checkpoint(path) -> dict:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises RuntimeError, EOFError, UnpicklingError, ...
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        kind = _other_kind_of_file(file)
+        if kind is not None:
+            beside = file.parent / CHECKPOINT_NAME
+            hint = f"; the checkpoint beside it is {beside}" if beside.is_file() and beside != file else ""
+            raise ValueError(f"{file} is not a bmssl checkpoint: it is {kind}, not a torch.save archive{hint}. "
+                             f"Pass a run directory written by `bmssl train --out RUN_DIR` or the path of its "
+                             f"{CHECKPOINT_NAME}") from None
+        advice = (". Resume from an intact checkpoint, or start a new run with another --out" if resuming else "")
         raise ValueError(f"cannot read checkpoint {file}: it is corrupt or truncated ({type(error).__name__}: "
-                         f"{reason[:200]}). Resume from an intact checkpoint, or start a new run "
-                         f"with another --out") from None
+                         f"{_load_error_reason(error)[:200]}){advice}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{file} is not a bmssl training checkpoint (no format={CHECKPOINT_FORMAT!r} "
                          "entry); checkpoints come from `bmssl train`")
@@ -135,6 +143,31 @@ def load_checkpoint(path) -> dict:
         raise ValueError(f"checkpoint {file} lacks {', '.join(missing)}: it is damaged")
     state["path"] = str(file)
     return state
+
+
+def _load_error_reason(error: Exception) -> str:
+    """The cause in torch.load's message, without its weights_only advice."""
+    text = str(error).strip()
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1].strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _other_kind_of_file(file: Path):
+    """What `file` is when its first bytes show it is no torch.save file ("JSON text", "text",
+    "a PNG image"), else None (an archive or pickle, damaged, or bytes that say nothing)."""
+    with open(file, "rb") as handle:
+        head = handle.read(4096)
+    if head.startswith(b"\x89PNG"):
+        return "a PNG image"
+    if not head or head.startswith(b"PK") or head[:1] == b"\x80" or b"\x00" in head:
+        return None
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head)  # a cut last character is fine
+    except UnicodeDecodeError:
+        return None
+    return "JSON text" if text.lstrip()[:1] in ("{", "[") else "text"
 
 
 # ---- curves -----------------------------------------------------------------------------------

@@ -9,7 +9,12 @@ The loop. A torch.Generator on the training device, seeded with `seed`, draws ev
 the unlabelled training pool; MetaLearner.step makes one outer step. The checkpoint holds θ, Adam,
 the schedule, that generator's state, the step, the metrics so far and the full config, so
 `--resume` continues with the very next batch: on CPU with the same thread count, the losses equal
-those of an uninterrupted run bit for bit.
+those of an uninterrupted run bit for bit. A run that failed (results.json status "failed", with
+the error) resumes from its last checkpoint the same way. Resuming a finished run keeps the
+few-shot results of results.json; with --eval it evaluates only the requested settings and
+protocols they lack (all of them when --episodes, --queries, --eval-seed, --eval-data,
+--finetune-steps or --finetune-lr changed), and training further drops them (they were of the
+old θ).
 
 Data (`--data`), split by group (alphabet) into train / test, deterministically from split_seed:
     glyphs             the embedded default (bmssl.data.load_glyphs), test_fraction of its alphabets held out
@@ -37,6 +42,7 @@ import argparse
 import dataclasses
 import datetime
 import hashlib
+import json
 import math
 import os
 import platform
@@ -66,6 +72,9 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 PROTOCOLS = ("proto", "finetune")
 SETTING = re.compile(r"^(\d+)w(\d+)s$")
 PLOT_EVERY_S = 120  # curves.png at checkpoints at most this often; always at the end of an invocation
+# The evaluation settings that change the numbers of a (setting, protocol) row; results.json keeps
+# them, with the step of θ, as "eval_config" beside its "eval" rows (see _evaluate).
+EVALUATED_WITH = ("eval_data", "episodes", "queries", "eval_seed", "finetune_steps", "finetune_lr")
 
 
 @dataclass
@@ -112,7 +121,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: str = "cosine"
     warmup_steps: int = 100
-    schedule_steps: int | None = None    # None: steps (fixed at the start of a run)
+    schedule_steps: int | None = None    # None: max(steps, warmup_steps), fixed at the start of a run
     min_lr_ratio: float = 0.0
     clip_grad_norm: float | None = 10.0
     steps: int = 2000
@@ -568,6 +577,7 @@ class Run:
             self.learner.simclr_ntxent = world.simclr_ntxent(config.tasks // world.size * ways)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.history, self.evaluation, self.step = [], [], 0
+        self.evaluated_with = None  # the settings and step of θ of the rows in self.evaluation
         self.saved_step = 0  # the step of the checkpoint on disk
         self.stop_signal = None  # the signal that interrupted the loop, if one did
         self.plotted_at = time.monotonic()
@@ -592,6 +602,30 @@ class Run:
         if self.learner.steps_done != self.step:
             raise ValueError(f"checkpoint {state['path']} is inconsistent: step {self.step} but the learner "
                              f"has done {self.learner.steps_done} steps")
+        results = Path(state["path"]).parent / run_files.RESULTS_NAME
+        self.evaluation, self.evaluated_with = self.saved_evaluation(results)
+
+    def saved_evaluation(self, path: Path):
+        """The few-shot rows of the results.json at `path` and what they were computed with
+        (EVALUATED_WITH and "step"), when they are rows of θ at this checkpoint's step; else
+        ([], None). Older results.json files without "eval_config" take it from their config."""
+        try:
+            payload = json.loads(path.read_text())
+        except FileNotFoundError:
+            return [], None
+        except (OSError, ValueError) as error:
+            _log(self.world, f"warning: cannot read {path} ({error}); its evaluation results, if any, are not kept")
+            return [], None
+        rows = payload.get("eval") if isinstance(payload, dict) else None
+        if not rows or not isinstance(rows, list):
+            return [], None
+        evaluated_with = payload.get("eval_config") or {
+            **{name: (payload.get("config") or {}).get(name) for name in EVALUATED_WITH}, "step": payload.get("step")}
+        if evaluated_with.get("step") != self.step:
+            _log(self.world, f"warning: the evaluation in {path} is of step {evaluated_with.get('step')}, not of "
+                             f"the checkpoint's step {self.step}; it is not kept")
+            return [], None
+        return rows, evaluated_with
 
     def save(self, status: str, final: bool = False):
         """Rank 0: the checkpoint, then results.json (and curves.png, see write_results)."""
@@ -612,7 +646,8 @@ class Run:
         payload = {"bmssl_version": bmssl.__version__, "status": status, "step": self.step,
                    "config": self.config.to_dict(), "data": self.data_record(), "world_size": self.world.size,
                    "device": str(self.device), "torch": torch.__version__, "python": platform.python_version(),
-                   "threads": torch.get_num_threads(), "history": self.history, "eval": self.evaluation}
+                   "threads": torch.get_num_threads(), "history": self.history, "eval": self.evaluation,
+                   "eval_config": self.evaluated_with}
         if error:
             payload["error"] = error
         run_files.write_json(self.run_dir / run_files.RESULTS_NAME, payload)
@@ -641,11 +676,12 @@ def train(config: TrainConfig, run_dir=None, resume=None, overrides: dict | None
     resume: a run directory or checkpoint file; its config is used, with `overrides` (a dict of
     TrainConfig fields, e.g. the flags given on the command line) applied where RUN_CONTROL allows.
     run_dir: where files go (default: the resumed checkpoint's folder). A new run refuses a
-    run_dir that already holds a checkpoint.
+    run_dir that already holds a checkpoint, and any run refuses one that holds results.json or
+    curves.png without a checkpoint (not a run: those files are not bmssl's to overwrite).
     """
     state = None
     if resume is not None:
-        state = run_files.load_checkpoint(resume)
+        state = run_files.load_checkpoint(resume, resuming=True)
         config = merge_resume_config(TrainConfig.from_dict(state["config"]), overrides or {}, state["path"])
         run_dir = Path(run_dir) if run_dir is not None else Path(state["path"]).parent
     elif run_dir is None:
@@ -662,6 +698,13 @@ def train(config: TrainConfig, run_dir=None, resume=None, overrides: dict | None
         if existing.resolve() != Path(state["path"]).resolve():
             raise ValueError(f"--out {run_dir} already holds another run than the one resumed ({state['path']}); "
                              "continuing there would overwrite it: choose another --out")
+    else:
+        taken = [name for name in (run_files.RESULTS_NAME, run_files.CURVES_NAME) if (run_dir / name).exists()]
+        if taken:
+            raise ValueError(f"--out {run_dir} already holds {' and '.join(taken)} but no {run_files.CHECKPOINT_NAME}: "
+                             "it is not a run that --resume could continue, and this run would overwrite "
+                             f"{'them' if len(taken) > 1 else 'it'}; choose another --out, or move "
+                             f"{'them' if len(taken) > 1 else 'it'} away")
     run_files.writable_directory(run_dir, "--out")
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -701,6 +744,11 @@ def _train(config: TrainConfig, run_dir: Path, state, world: World, show_progres
         _log(world, f"resumed {state['path']} at step {run.step}")
     else:
         run.save("running")  # step 0: claims the run directory, and a resume point from the start
+    if config.method != "scratch" and 0 < config.steps < config.warmup_steps:
+        _log(world, f"warning: --steps {config.steps} is shorter than the warm-up (--warmup-steps "
+                    f"{config.warmup_steps}): the learning rate climbs only to {config.steps}/{config.warmup_steps} "
+                    f"× β = {config.steps / config.warmup_steps * config.outer_lr:g} and never reaches --outer-lr "
+                    f"{config.outer_lr:g}; lower --warmup-steps")
     if config.schedule == "cosine" and config.steps > run.learner.config.total_steps:
         _log(world, f"warning: --steps {config.steps} runs past the cosine schedule's {run.learner.config.total_steps} "
                     f"steps; after it the learning rate stays at --min-lr-ratio × β = "
@@ -722,29 +770,54 @@ def _train(config: TrainConfig, run_dir: Path, state, world: World, show_progres
     if status != "interrupted" and (run.step >= config.steps or config.method == "scratch"):
         status = "finished"
     run.save(status, final=True)
-    if status == "finished" and config.eval:
-        if world.is_main:
-            from bmssl.evaluation_cli import evaluate_models, format_table
-
-            try:
-                rows = evaluate_models({config.method: run.learner}, run.data.test, config,
-                                       show_progress=config.progress)
-            except FloatingPointError as error:
-                run.write_results(status, f"evaluation failed: {error}", plot=False)
-                raise
-            run.evaluation = rows
-            print(format_table(rows, f"few-shot accuracy (%) on {run.data.test.summary()}"), flush=True)
-            run.write_results(status, plot=False)
+    if status == "finished" and config.eval and world.is_main:
+        _evaluate(run, status)
     wall = time.perf_counter() - started
     _log(world, f"{status} at step {run.step} in {wall:.1f}s: {run_dir / run_files.RESULTS_NAME}")
     return {"status": status, "step": run.step, "history": run.history, "eval": run.evaluation,
             "config": config.to_dict(), "run_dir": str(run_dir), "signal": run.stop_signal}
 
 
+def _evaluate(run: Run, status: str) -> None:
+    """The few-shot evaluation of a finished run, into results.json and printed as a table.
+    Rows that results.json already holds for this θ (a resumed finished run) are kept and not
+    recomputed: only the requested (setting, protocol) pairs it lacks are evaluated, unless an
+    EVALUATED_WITH setting (--episodes, --queries, ...) differs from theirs, which recomputes all
+    of the requested ones and drops the old rows. Any error is recorded in results.json."""
+    from bmssl.evaluation_cli import evaluate_models, format_table
+
+    config = run.config
+    wanted = {name: getattr(config, name) for name in EVALUATED_WITH}
+    if run.evaluated_with is None or {k: v for k, v in run.evaluated_with.items() if k != "step"} != wanted:
+        run.evaluation = []
+    have = {(row["setting"], row["protocol"]) for row in run.evaluation}
+    requested = [(f"{ways}w{shots}s", protocol) for ways, shots in parse_settings(config.eval_settings)
+                 for protocol in config.protocols]
+    missing = list(dict.fromkeys(pair for pair in requested if pair not in have))
+    if not missing:
+        _log(run.world, f"evaluation: results.json holds every requested setting for step {run.step} already; "
+                        "not recomputed")
+    try:
+        for setting in dict.fromkeys(setting for setting, _ in missing):
+            protocols = tuple(protocol for s, protocol in missing if s == setting)
+            run.evaluation += evaluate_models({config.method: run.learner}, run.data.test,
+                                              replace(config, eval_settings=(setting,), protocols=protocols),
+                                              show_progress=config.progress)
+            run.evaluated_with = {**wanted, "step": run.step}
+    except Exception as error:
+        run.write_results(status, f"evaluation failed: {error}", plot=False)
+        raise
+    shown = [row for row in run.evaluation if (row["setting"], row["protocol"]) in requested]
+    print(format_table(shown, f"few-shot accuracy (%) on {run.data.test.summary()}"), flush=True)
+    run.write_results(status, plot=False)
+
+
 def _loop(run: Run, target: int, show_progress) -> str:
     """Steps until `target`: "stopped", or "interrupted" after SIGINT / SIGTERM (the step in
     progress finishes first; run.stop_signal names the signal). A second signal aborts the step:
-    results.json then says "interrupted" with the step of the last checkpoint."""
+    results.json then says "interrupted" with the step of the last checkpoint. Any other error
+    (a non-finite loss, a bad BMSSL_BACKEND, ...) is recorded in results.json as "failed" with
+    its text, and raised; the checkpoint stays, and --resume continues from it."""
     config, world = run.config, run.world
     if run.step >= target:
         return "stopped"
@@ -765,6 +838,15 @@ def _loop(run: Run, target: int, show_progress) -> str:
         run.write_results("interrupted", f"aborted during step {run.step + 1}; {run_files.CHECKPOINT_NAME} holds "
                                          f"step {run.saved_step}: --resume continues from there")
         raise
+    except FloatingPointError as error:  # _step's message names the step and the remedies
+        run.write_results("failed", str(error))
+        raise
+    except Exception as error:
+        resume = (f"the last checkpoint is step {run.saved_step} in {run.run_dir / run_files.CHECKPOINT_NAME}; "
+                  f"--resume {run.run_dir} continues from there")
+        run.write_results("failed", f"{type(error).__name__} in outer step {run.step + 1}: {error}; {resume}")
+        _log(world, f"bmssl train: failed in outer step {run.step + 1}; {resume}")
+        raise
     finally:
         bar.close()
     return "stopped"
@@ -775,13 +857,12 @@ def _step(run: Run, bar: StepBar) -> None:
     batch = run.next_batch()
     try:
         metrics = run.learner.step(batch)
-    except FloatingPointError as error:
-        message = (f"{error}. The last checkpoint is step {run.saved_step} in "
-                   f"{run.run_dir / run_files.CHECKPOINT_NAME}; lower --outer-lr or --inner-lr, or set "
-                   "--clip-grad-norm, and start again")
-        run.write_results("failed", message)
-        raise FloatingPointError(message) from None
+    except FloatingPointError as error:  # recorded in results.json by _loop
+        raise FloatingPointError(f"{error}. The last checkpoint is step {run.saved_step} in "
+                                 f"{run.run_dir / run_files.CHECKPOINT_NAME}; lower --outer-lr or --inner-lr, or "
+                                 "set --clip-grad-norm, and start again") from None
     run.step += 1
+    run.evaluation, run.evaluated_with = [], None  # of the θ before this step (a resumed finished run)
     run.history.append({key: float(value) if key != "step" else int(value) for key, value in metrics.items()})
     shown = {"loss": metrics["outer_loss"]}
     if "query_accuracy" in metrics:
@@ -791,15 +872,33 @@ def _step(run: Run, bar: StepBar) -> None:
 
 
 def check_eval_feasible(config: TrainConfig, test) -> None:
-    """Fail before training, not after it, when the test set cannot hold the requested episodes."""
+    """Fail before training, not after it, when the test set cannot hold the requested episodes
+    or the model cannot run them (a shared head's fixed ways, check_shared_head)."""
     from bmssl.eval import EpisodeSampler
 
+    check_shared_head(config, config.eval_settings, config.protocols, "this run", "--eval-settings")
     for ways, shots in parse_settings(config.eval_settings):
         try:
             EpisodeSampler(test.labels, ways, shots, config.queries)
         except ValueError as error:
             raise ValueError(f"--eval-settings {ways}w{shots}s on the test set ({test.summary()}): {error}; "
                              "lower the ways, shots or --queries") from None
+
+
+def check_shared_head(model: TrainConfig, settings, protocols, what: str, settings_flag: str) -> None:
+    """ValueError when `model` (a run's config) has a shared head and the finetune protocol is
+    asked for episodes of other ways than its N/K: the meta-learned head has N/K outputs. `what`
+    names the model, `settings_flag` the flag that gave `settings`."""
+    if model.head != "shared" or "finetune" not in protocols:
+        return
+    ways = model.images_per_batch // model.tasks
+    other = [f"{w}w{s}s" for w, s in parse_settings(settings) if w != ways]
+    if other:
+        verb = "asks" if len(other) == 1 else "ask"
+        raise ValueError(f"{what} has --head shared: a meta-learned {ways}-way head (N/K = "
+                         f"{model.images_per_batch}/{model.tasks}), so the finetune protocol runs only {ways}-way "
+                         f"episodes, and {settings_flag} {' '.join(other)} {verb} for other ways; give {ways}-way "
+                         "settings, or --protocols proto for those")
 
 
 # ---- command line -----------------------------------------------------------------------------
@@ -899,8 +998,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add(loop, "weight_decay", "Adam weight decay", type=float)
     add(loop, "schedule", "outer learning-rate schedule after the warm-up", choices=SCHEDULES)
     add(loop, "warmup_steps", "linear warm-up steps", type=int)
-    add(loop, "schedule_steps", "length of the cosine schedule (default: --steps of the first invocation)",
-        type=int)
+    add(loop, "schedule_steps", "length of the cosine schedule, warm-up included (default: the larger of --steps "
+        "and --warmup-steps, fixed at the first invocation)", type=int)
     add(loop, "min_lr_ratio", "the cosine ends at this fraction of β", type=float)
     add(loop, "clip_grad_norm", "clip the meta-gradient norm (none: no clipping)", type=_optional_float)
 

@@ -1,5 +1,6 @@
 """The bmssl console script and python -m bmssl."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -7,9 +8,9 @@ import sys
 import pytest
 
 
-def run(*args):
+def run(*args, env=None):
     return subprocess.run([sys.executable, "-m", "bmssl", *args], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=None if env is None else {**os.environ, **env})
 
 
 def test_help():
@@ -30,6 +31,15 @@ def test_info_reports_versions_backends_and_build():
     for needle in ("torch", "triton", "device:", "backends:", "cpu     ok", "bmssl._C: loaded",
                    "cxx_flags"):
         assert needle in out.stdout, (needle, out.stdout)
+
+
+def test_info_with_an_invalid_backend_reports_it_in_one_line_not_a_traceback():
+    out = run("info", env={"BMSSL_BACKEND": "bogus"})
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip() == ("bmssl info: error: BMSSL_BACKEND='bogus' is not a backend; choose one of "
+                                  "cuda, triton, cpu, torch, auto")
+    assert "backend requested: none: BMSSL_BACKEND='bogus' is invalid" in out.stdout
+    assert "backends:" in out.stdout and "bmssl._C:" in out.stdout  # the rest of the report is still there
 
 
 def test_bench_quick_writes_results(tmp_path):

@@ -147,8 +147,9 @@ def test_a_damaged_checkpoint_gives_a_clear_error(folder, tmp_path, capsys, dama
     for command in (("train", "--resume", run), ("eval", "--checkpoint", run)):
         status, _, err = bmssl(*command, capsys=capsys)
         assert status == 2, err
-        assert str(path) in err and "Traceback" not in err
+        assert str(path) in err and "Traceback" not in err and "weights_only" not in err
         assert ("corrupt or truncated" if damage != "not_bmssl" else "not a bmssl training checkpoint") in err
+        assert ("Resume from an intact checkpoint" in err) == (command[0] == "train" and damage != "not_bmssl")
     status, _, err = bmssl("train", "--resume", tmp_path / "nowhere", capsys=capsys)
     assert status == 2 and "checkpoint not found" in err
 
@@ -408,3 +409,135 @@ def test_non_finite_scores_in_eval_are_an_error_not_chance_accuracy(folder, tmp_
                              "--protocols", "finetune", "--finetune-lr", 1e300, "--finetune-steps", 3,
                              "--no-progress", capsys=capsys)
     assert status == 2 and "not finite" in err and "finetune learning rate" in err and "±" not in out
+
+
+def test_resuming_a_finished_run_keeps_its_evaluation_and_computes_only_what_it_lacks(folder, tmp_path, capsys):
+    """--resume of a finished run rewrites results.json: its few-shot rows stay (with --no-eval
+    too); --eval adds only the (setting, protocol) pairs missing, with the numbers a fresh run
+    gives; other --episodes recompute them all; training further drops them (they are of old θ)."""
+    run, fresh = tmp_path / "run", tmp_path / "fresh"
+    common = ["--data", folder, *TINY, "--steps", 2, "--eval-settings", "2w1s", "--episodes", 4, "--queries", 3]
+    assert bmssl("train", *common, "--eval", "--protocols", "proto", "--out", run, capsys=capsys)[0] == 0
+    first = results(run)["eval"]
+    assert [row["protocol"] for row in first] == ["proto"]
+    status, _, err = bmssl("train", "--resume", run, "--no-eval", capsys=capsys)
+    assert status == 0, err
+    assert results(run)["status"] == "finished" and results(run)["eval"] == first
+    status, out, err = bmssl("train", "--resume", run, "--eval", capsys=capsys)
+    assert status == 0 and "not recomputed" in err and "2w1s" in out, err
+    assert results(run)["eval"] == first
+    status, _, err = bmssl("train", "--resume", run, "--eval", "--protocols", "proto", "finetune", capsys=capsys)
+    assert status == 0 and "not recomputed" not in err, err
+    both = results(run)["eval"]
+    assert both[0] == first[0] and [row["protocol"] for row in both] == ["proto", "finetune"]
+    assert bmssl("train", *common, "--eval", "--protocols", "proto", "finetune", "--out", fresh, capsys=capsys)[0] == 0
+    assert results(fresh)["eval"] == both
+    assert bmssl("train", "--resume", run, "--eval", "--episodes", 5, capsys=capsys)[0] == 0
+    assert [(row["protocol"], row["episodes"]) for row in results(run)["eval"]] == [("proto", 5), ("finetune", 5)]
+    assert bmssl("train", "--resume", run, "--no-eval", "--steps", 3, capsys=capsys)[0] == 0
+    assert results(run)["step"] == 3 and results(run)["eval"] == []
+
+
+def test_an_out_holding_results_or_curves_without_a_checkpoint_is_refused(folder, tmp_path, capsys):
+    """A folder with results.json or curves.png but no checkpoint.pt is no run: neither a new
+    run nor a resumed one may overwrite those files."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.json").write_text('{"my": "results"}')
+    (mine / "curves.png").write_text("my figure")
+    status, _, err = bmssl("train", "--data", folder, *TINY, "--steps", 1, "--out", mine, capsys=capsys)
+    assert status == 2 and "Traceback" not in err, err
+    assert f"--out {mine} already holds results.json and curves.png but no checkpoint.pt" in err
+    assert (mine / "results.json").read_text() == '{"my": "results"}'
+    assert (mine / "curves.png").read_text() == "my figure"
+    assert sorted(p.name for p in mine.iterdir()) == ["curves.png", "results.json"]
+    (mine / "results.json").unlink()
+    run = tmp_path / "run"
+    assert bmssl("train", "--data", folder, *TINY, "--steps", 1, "--out", run, capsys=capsys)[0] == 0
+    status, _, err = bmssl("train", "--resume", run, "--steps", 2, "--out", mine, capsys=capsys)
+    assert status == 2 and "already holds curves.png but no checkpoint.pt" in err, err
+    assert sorted(p.name for p in mine.iterdir()) == ["curves.png"] and results(run)["step"] == 1
+
+
+def test_a_crash_mid_run_is_recorded_as_failed_and_resume_continues_it(folder, tmp_path, capsys, monkeypatch):
+    """Any error in a step (here a bad BMSSL_BACKEND) leaves results.json "failed" with the
+    error, not "running"; the checkpoint stands and --resume finishes the run as if uninterrupted."""
+    common = ["--data", folder, *TINY, "--steps", 3]
+    assert bmssl("train", *common, "--out", tmp_path / "whole", capsys=capsys)[0] == 0
+    run = tmp_path / "run"
+    monkeypatch.setenv("BMSSL_BACKEND", "bogus")
+    status, _, err = bmssl("train", *common, "--out", run, capsys=capsys)
+    assert status == 2 and "BMSSL_BACKEND='bogus' is not a backend" in err and f"--resume {run}" in err, err
+    payload = results(run)
+    assert payload["status"] == "failed" and payload["step"] == 0
+    assert "ValueError in outer step 1: BMSSL_BACKEND='bogus'" in payload["error"]
+    assert f"--resume {run} continues" in payload["error"]
+    assert run_files.load_checkpoint(run)["step"] == 0
+    monkeypatch.delenv("BMSSL_BACKEND")
+    status, _, err = bmssl("train", "--resume", run, capsys=capsys)
+    assert status == 0, err
+    assert results(run)["status"] == "finished" and "error" not in results(run)
+    assert losses(run) == losses(tmp_path / "whole")
+
+
+def test_plain_progress_lines_come_every_log_every_steps_as_the_readme_says(folder, tmp_path, capsys):
+    """Away from a terminal (here: captured stderr) the step bar prints at every --log-every-th
+    step and the last one, not by the clock; the README says so."""
+    status, _, err = bmssl("train", "--data", folder, *TINY, "--steps", 5, "--log-every", 2, "--progress",
+                           "--out", tmp_path / "run", capsys=capsys)
+    assert status == 0, err
+    assert [line.split(",")[0] for line in err.splitlines() if line.startswith("bmssl: ")] == [
+        "bmssl: 2/5", "bmssl: 4/5", "bmssl: 5/5"]
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert "the training bar one every `--log-every` steps (default 10) and at the last step" in readme
+    assert "print a line every 10 s instead of redrawing" not in readme
+
+
+def test_steps_shorter_than_the_warmup_warn_and_the_schedule_help_says_its_default(folder, tmp_path, capsys):
+    status, _, err = bmssl("train", "--data", folder, *TINY, "--warmup", 5, "--steps", 2, "--out", tmp_path / "a",
+                           capsys=capsys)
+    assert status == 0, err
+    assert "warning: --steps 2 is shorter than the warm-up (--warmup-steps 5)" in err
+    assert results(tmp_path / "a")["config"]["schedule_steps"] == 5  # max(--steps, --warmup-steps)
+    assert [row["lr"] for row in results(tmp_path / "a")["history"]] == pytest.approx([0.2e-3, 0.4e-3])
+    status, _, err = bmssl("train", "--data", folder, *TINY, "--warmup", 2, "--steps", 2, "--out", tmp_path / "b",
+                           capsys=capsys)
+    assert status == 0 and "shorter than the warm-up" not in err, err
+    status, out, _ = bmssl("train", "--help", capsys=capsys)
+    assert status == 0
+    text = " ".join(out.split())
+    assert "(default: the larger of --steps and --warmup-steps, fixed at the first invocation)" in text
+    assert "default: --steps of the first invocation" not in text
+
+
+def test_a_shared_head_finetuned_at_other_ways_is_refused_before_training_and_in_eval(folder, tmp_path, capsys):
+    """--head shared meta-learns an N/K-way head (here 3): finetune episodes of other ways are
+    refused up front, naming the cause, by bmssl train --eval and by bmssl eval; proto and
+    3-way finetune still run."""
+    run = tmp_path / "run"
+    shared = ["--data", folder, *TINY, "--head", "shared", "--steps", 2, "--episodes", 4, "--queries", 3]
+    status, _, err = bmssl("train", *shared, "--eval", "--eval-settings", "2w1s", "3w1s", "--out", run, capsys=capsys)
+    assert status == 2 and "Traceback" not in err, err
+    assert "--head shared" in err and "3-way head" in err and "--eval-settings 2w1s asks for other ways" in err
+    assert not (run / "checkpoint.pt").exists()  # refused before training
+    status, out, err = bmssl("train", *shared, "--eval", "--eval-settings", "2w1s", "3w1s", "--protocols", "proto",
+                             "--out", run, capsys=capsys)
+    assert status == 0 and len(results(run)["eval"]) == 2, err
+    evaluation = ["eval", "--checkpoint", run, "--episodes", 4, "--queries", 3, "--no-progress"]
+    status, out, err = bmssl(*evaluation, "--settings", "2w1s", "3w1s", "--protocols", "finetune", capsys=capsys)
+    assert status == 2 and "few-shot accuracy" not in out, err
+    assert f"checkpoint {run / 'checkpoint.pt'} has --head shared" in err and "--settings 2w1s asks" in err
+    status, out, err = bmssl(*evaluation, "--settings", "3w1s", "--protocols", "proto", "finetune", capsys=capsys)
+    assert status == 0 and "3w1s" in out, err
+
+
+def test_a_file_that_is_no_checkpoint_is_named_so_without_torch_or_resume_advice(folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert bmssl("train", "--data", folder, *TINY, "--steps", 1, "--out", run, capsys=capsys)[0] == 0
+    for name, kind in (("results.json", "JSON text"), ("curves.png", "a PNG image")):
+        status, _, err = bmssl("eval", "--checkpoint", run / name, "--episodes", 2, capsys=capsys)
+        assert status == 2 and "Traceback" not in err, err
+        assert f"{run / name} is not a bmssl checkpoint: it is {kind}" in err
+        assert f"the checkpoint beside it is {run / 'checkpoint.pt'}" in err
+        for advice in ("corrupt", "weights_only", "Resume", "--resume", "--out"):
+            assert advice not in err.replace("bmssl train --out RUN_DIR", ""), (advice, err)

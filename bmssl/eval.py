@@ -14,6 +14,7 @@ seeded numpy Generator and evaluated `batch_episodes` at a time (torch.func.vmap
 so batch statistics, if the backbone uses them, stay per episode).
 """
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -46,8 +47,9 @@ class EpisodeSampler:
 
     def __init__(self, labels, ways: int, shots: int, queries: int = 15, seed: int = 0):
         for name, value, minimum in (("ways", ways, 2), ("shots", shots, 1), ("queries", queries, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        ways, shots, queries = int(ways), int(shots), int(queries)
         labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
         if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(f"labels must be a non-empty 1-D integer array, got shape {labels.shape}, "
@@ -168,6 +170,9 @@ def evaluate(model, images: torch.Tensor, labels, protocol: str = "proto", ways:
         raise ValueError(f"inner_steps must be an integer >= 0, got {steps!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"inner_lr must be a finite number > 0, got {lr!r}")
+    if protocol == "finetune" and steps == 0 and network.head_kind == "zero":
+        raise ValueError("finetune with 0 SGD steps from the zero head predicts class 0 for every query "
+                         "(exact chance): use inner_steps >= 1 (or the proto protocol)")
     for name, value in (("episodes", episodes), ("batch_episodes", batch_episodes)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

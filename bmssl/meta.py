@@ -71,7 +71,7 @@ class MetaConfig:
     inner_lr: float = 0.1              # α
     target_steps: int = 5              # δ (bmssl)
     order: int = 2                     # 2: through the inner gradients; 1: first-order MAML
-    contrastive_weight: float = 1.0    # λ; 0 disables the NT-Xent term
+    contrastive_weight: float = 1.0    # λ; 0 disables the NT-Xent term (simclr: λ · NT-Xent, λ > 0)
     contrastive_temperature: float = 0.5  # τ
     contrastive_variant: str = "in"    # "in" (paper eq. 1) | "out" (SupCon L_out)
     contrastive_views: str = "auto"    # "auto" | "support" | "all"
@@ -146,6 +146,13 @@ class MetaConfig:
         if self.method == "bmssl" and self.target_steps < 1:
             raise ValueError("method='bmssl' needs target_steps >= 1: with δ = 0 the target w_{L+δ} "
                              "is w_L itself and the KL is 0")
+        if self.method == "bmssl" and self.inner_steps == 0 and self.head == "zero" and self.task_loss_weight == 0:
+            raise ValueError("method='bmssl' with inner_steps=0 and the zero head has a zero meta-gradient: w_L is θ "
+                             "with a zero head, whose logits are 0 for every θ; use inner_steps >= 1, "
+                             "head='shared' or task_loss_weight > 0")
+        if self.method == "simclr" and self.contrastive_weight == 0:
+            raise ValueError("method='simclr' is the NT-Xent alone (times contrastive_weight): a weight of 0 "
+                             "leaves nothing to train")
         if self.seed is not None:
             _integer("seed", self.seed, 0)
 
@@ -300,7 +307,8 @@ def checkpointed_step(params: dict, loss_fn, lr: float):
         # the zero head of w_0 is a constant: a leaf here, so that the step can differentiate it
         weights = {n: v if v.requires_grad else v.detach().requires_grad_() for n, v in zip(names, values)}
         loss = loss_fn(weights)
-        grads = torch.autograd.grad(loss, list(weights.values()), create_graph=True)
+        grads = torch.autograd.grad(loss, list(weights.values()), create_graph=True,
+                                    allow_unused=True, materialize_grads=True)  # unused (λ = 0: the projection): 0
         updated = sgd_unroll_step(weights, dict(zip(names, grads)), lr)
         return (*(updated[n] for n in names), loss)
 
@@ -418,7 +426,7 @@ def meta_loss(model, theta, batch, config, batched=None, shape=None):
 
 
 def simclr_loss(model, theta, batch, config, ntxent_fn=None, ways=None):
-    """NT-Xent over all M = M1 + M2 views of every image of the batch (K·W images; the views
+    """λ · NT-Xent over all M = M1 + M2 views of every image of the batch (K·W images; the views
     of image j of task k are positives), no meta level. `ntxent_fn(z, labels, temperature,
     variant)` replaces bmssl.ntxent (torchrun passes one whose negatives span every rank)."""
     support, query = batch.support, batch.query
@@ -428,7 +436,8 @@ def simclr_loss(model, theta, batch, config, ntxent_fn=None, ways=None):
     offsets = torch.arange(tasks, device=support.device)[:, None] * ways
     labels = torch.cat([batch.support_labels + offsets, batch.query_labels + offsets], dim=1).flatten()
     z = model.embeddings(theta, model.features(theta, images))
-    return (ntxent_fn or ntxent)(z, labels.long(), config.contrastive_temperature, config.contrastive_variant)
+    loss = (ntxent_fn or ntxent)(z, labels.long(), config.contrastive_temperature, config.contrastive_variant)
+    return config.contrastive_weight * loss
 
 
 AUX_NAMES = ("inner_loss_start", "inner_loss", "query_accuracy")

@@ -20,6 +20,7 @@ class in query, no augmentation.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, fields
 
 import torch
@@ -88,9 +89,11 @@ def image_major_labels(tasks: int, ways: int, per_way: int, device) -> torch.Ten
     return labels.repeat(tasks, 1)
 
 
-def _check_positive_int(name: str, value, minimum: int = 1):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+def _check_positive_int(name: str, value, minimum: int = 1) -> int:
+    """value as an int (a numpy integer too) when it is an integer >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
 
 
 def _check_images(name: str, images):
@@ -111,10 +114,10 @@ def make_tasks(pool: torch.Tensor, images_per_batch: int, tasks: int, support_vi
     with support [K, W·M1, C, H, W], query [K, W·M2, C, H, W] and image_index [K, W] into the pool.
     """
     _check_images("pool", pool)
-    _check_positive_int("images_per_batch (N)", images_per_batch)
-    _check_positive_int("tasks (K)", tasks)
-    _check_positive_int("support_views (M1)", support_views)
-    _check_positive_int("query_views (M2)", query_views)
+    images_per_batch = _check_positive_int("images_per_batch (N)", images_per_batch)
+    tasks = _check_positive_int("tasks (K)", tasks)
+    support_views = _check_positive_int("support_views (M1)", support_views)
+    query_views = _check_positive_int("query_views (M2)", query_views)
     if views is not None and views != support_views + query_views:
         raise ValueError(f"views (M={views}) must equal support_views + query_views (M1 + M2 = "
                          f"{support_views} + {query_views} = {support_views + query_views})")
@@ -162,9 +165,9 @@ def sample_episode_indices(labels: torch.Tensor, ways: int, shots: int, queries:
                          f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else labels!r}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-    _check_positive_int("ways", ways, minimum=2)
-    _check_positive_int("shots", shots)
-    _check_positive_int("queries", queries)
+    ways = _check_positive_int("ways", ways, minimum=2)
+    shots = _check_positive_int("shots", shots)
+    queries = _check_positive_int("queries", queries)
     check_generator(generator, labels.device, what="labels")
     device = labels.device
     labels = labels.to(torch.int64)

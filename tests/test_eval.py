@@ -153,3 +153,23 @@ def test_non_finite_scores_raise_instead_of_reading_as_chance():
         next(model.parameters()).fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="proto: the features of θ are not finite"):
         evaluate(model, images, labels, "proto", ways=2, shots=1, queries=3, episodes=2, show_progress=False)
+
+
+def test_finetune_with_no_step_from_the_zero_head_is_refused():
+    """0 SGD steps from the zero head: all-zero logits, class 0 for every query, an exact 20.00 ± 0.00
+    that looked like a result."""
+    images, labels = clusters(noise=0.1)
+    with pytest.raises(ValueError, match="0 SGD steps from the zero head"):
+        evaluate(conv_model(), images, labels, "finetune", inner_steps=0, episodes=4, show_progress=False)
+    result = evaluate(conv_model(), images, labels, "proto", inner_steps=0, episodes=4, show_progress=False)
+    assert result.accuracies.shape == (4,)  # proto takes no SGD step: inner_steps does not matter
+
+
+def test_numpy_integers_are_accepted_as_sizes():
+    images, labels = clusters(noise=0.1)
+    result = evaluate(conv_model(), images, labels, "proto", ways=np.int64(5), shots=np.int32(1), episodes=4,
+                      show_progress=False)
+    assert "5-way 1-shot" in str(result)
+    sampler = EpisodeSampler(labels, np.int64(3), np.int64(2), np.int64(4), seed=0)
+    episodes = sampler.sample(images, 2)
+    assert episodes.support.shape[:2] == (2, 6) and episodes.query.shape[:2] == (2, 12)

@@ -356,6 +356,41 @@ def test_bad_configs_raise_value_errors_naming_the_problem(field, value, message
         MetaConfig(**{field: value})
 
 
+def test_configs_whose_meta_gradient_is_zero_are_refused():
+    """bmssl with L = 0 and the zero head: w_L's logits are 0 for every θ, so the KL's gradient
+    is exactly 0 (it trained nothing while reporting success); simclr with λ = 0 has no loss."""
+    with pytest.raises(ValueError, match="inner_steps=0 and the zero head has a zero meta-gradient"):
+        MetaConfig(method="bmssl", inner_steps=0)
+    with pytest.raises(ValueError, match="a weight of 0 leaves nothing to train"):
+        MetaConfig(method="simclr", contrastive_weight=0.0)
+    batch = random_batch()
+    for options in (dict(head="shared", ways=3), dict(task_loss_weight=1.0)):  # these do learn at L = 0
+        grads, _, _ = tiny_learner(method="bmssl", inner_steps=0, **options).meta_gradient(batch)
+        assert sum(float(g.abs().sum()) for g in grads.values()) > 0
+    grads, _, _ = tiny_learner(method="metassl", inner_steps=0).meta_gradient(batch)  # λ·NT-Xent of θ
+    assert sum(float(g.abs().sum()) for g in grads.values()) > 0
+
+
+def test_simclr_loss_is_scaled_by_the_contrastive_weight():
+    batch = random_batch()
+    _, one, _ = tiny_learner(method="simclr").meta_gradient(batch)
+    _, five, _ = tiny_learner(method="simclr", contrastive_weight=5.0).meta_gradient(batch)
+    assert float(five) == pytest.approx(5 * float(one), rel=1e-12)
+
+
+@pytest.mark.parametrize("method", ["bmssl", "metassl"])
+def test_checkpointed_inner_steps_without_the_contrastive_term(method):
+    """λ = 0 leaves the projection head out of the inner loss: its gradient is 0, in the
+    checkpointed step too (it raised 'appears to not have been used in the graph')."""
+    batch = random_batch()
+    plain = tiny_learner(method=method, contrastive_weight=0.0, task_batching="loop").meta_gradient(batch)
+    checkpointed = tiny_learner(method=method, contrastive_weight=0.0, task_batching="loop",
+                                checkpoint_inner_steps=True).meta_gradient(batch)
+    assert float(checkpointed[1]) == pytest.approx(float(plain[1]), rel=1e-12)
+    for name, grad in plain[0].items():
+        torch.testing.assert_close(checkpointed[0][name], grad, rtol=1e-10, atol=1e-12)
+
+
 def test_bad_batches_raise_value_errors():
     learner = tiny_learner()
     batch = random_batch()

@@ -132,6 +132,16 @@ def test_one_batched_augment_call(monkeypatch):
     assert calls == [12 * 5]
 
 
+def test_numpy_integer_sizes_give_the_same_batch_as_ints():
+    import numpy as np
+
+    pool = random_pool(12)
+    want = make_tasks(pool, 6, 2, 1, 2, AugmentConfig.omniglot(), generator(3))
+    got = make_tasks(pool, np.int64(6), np.int32(2), np.int64(1), np.int16(2), AugmentConfig.omniglot(), generator(3))
+    assert torch.equal(got.support, want.support) and torch.equal(got.query, want.query)
+    assert (got.tasks, got.ways) == (2, 3)
+
+
 def test_half_precision_pool_keeps_its_dtype():
     pool = random_pool(10, channels=3, dtype=torch.float16)
     batch = make_tasks(pool, 6, 2, 1, 2, AugmentConfig.rgb(), generator(1))

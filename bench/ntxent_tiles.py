@@ -37,6 +37,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default=None, help="prefix of a .csv and .json of the timings")
     args = parser.parse_args(argv)
+    if args.out:
+        common.check_arguments(parser, args, ("batch", "dim", "views", "repeats"), ())
     if not torch.cuda.is_available():
         sys.exit("bench/ntxent_tiles.py times GPU tiles and needs a CUDA GPU; none is visible to torch")
     from bmssl.triton import ntxent as kernels
@@ -83,6 +85,8 @@ def main(argv=None):
                       "variant": args.variant, "block": block, "num_warps": warps, "num_stages": stages}
             for metric, value in timing.items():
                 rows.append(common.row(env, "ntxent_tile", "bmssl-triton", kernel, metric, params, value))
+            if args.out:  # after every tile: a session cut short keeps what it timed
+                common.write(rows, args.out)
         meta = kernels._config(u, kernel)[1]  # the tile GPU_TILES gives this d
         current = (meta["BLOCK_M"], meta["num_warps"], meta["num_stages"])
         print(f"\n{kernel} ({args.dtype}, B = {args.batch}, d = {args.dim}); GPU_TILES has {current}")
@@ -90,7 +94,7 @@ def main(argv=None):
             print(f"  block {tile[0]:>3}  warps {tile[1]}  stages {tile[2]}  {ms:9.3f} ms"
                   f"{'  <- GPU_TILES' if tile == current else ''}")
     if args.out and rows:
-        for path in common.write(rows, args.out):
+        for path in common.output_paths(args.out):
             print(f"wrote {path}")
 
 

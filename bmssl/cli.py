@@ -45,24 +45,34 @@ def info(_args):
 
 
 QUICK = {  # `bmssl bench <op> --quick`: one small sweep, no torch.compile, a few seconds
-    "kl_bootstrap": dict(rows=[16384], classes=[5, 64], no_compile=True, repeats=10),
+    "kl_bootstrap": dict(rows=[16384], classes=[5, 64], no_compile=True, no_memory=True, repeats=10),
     "ntxent": dict(batches=[2048], views=[2], no_compile=True, no_memory=True, repeats=5),
 }
 
 
 def bench(args):
-    """`bmssl bench <op>`; --quick sets the QUICK sweep for every flag left at its default."""
+    """`bmssl bench <op>`; --quick sets the QUICK sweep for every flag not given on the command
+    line (a flag given with the value of its default counts as given)."""
     from bmssl.bench import kl_bootstrap, ntxent
 
     module = {"kl_bootstrap": kl_bootstrap, "ntxent": ntxent}[args.op]
     if args.quick:
-        defaults = argparse.ArgumentParser()
-        module.add_arguments(defaults)
+        given = flags_given(module, args.argv[args.argv.index(args.op) + 1:])
         for key, value in QUICK[args.op].items():
-            if getattr(args, key) == defaults.get_default(key):
+            if key not in given:
                 setattr(args, key, value)
     module.main(args)
     return 0
+
+
+def flags_given(module, argv):
+    """The dests of the op's flags that appear in argv (its own parser with every default
+    suppressed: what is left after parsing was given)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    module.add_arguments(parser)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_known_args(argv)[0]))
 
 
 def build_parser():
@@ -119,7 +129,9 @@ def _guarded(command, name):
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     return args.run(args)
 
 

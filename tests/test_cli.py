@@ -86,10 +86,23 @@ def test_bench_quick_keeps_the_flags_given_with_it(tmp_path):
     assert (tmp_path / "nt.v1.csv").exists() and not (tmp_path / "nt.csv").exists()
 
 
+def test_bench_quick_keeps_a_flag_given_at_its_default_value(tmp_path):
+    """--views 2 4 is the flag's default, but given: --quick must not replace it by its own [2]."""
+    out = run("bench", "ntxent", "--quick", "--batches", "32", "--views", "2", "4", "--providers", "torch",
+              "--out", str(tmp_path / "nt"))
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "nt.json").read_text())
+    assert {json.loads(r["params"])["M"] for r in rows} == {2, 4}
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--repeats", "0"], "--repeats must be >= 1"),
     (["--batches", "0"], "--batches must be >= 1"),
     (["--providers", "bogus"], "--providers: unknown bogus"),
+    (["--views", "1"], "--views must be >= 2"),
+    (["--batches", "65", "--views", "2"], "not B = 65 with M = 2"),
+    (["--providers", "torch_compile", "--no-compile"], "contradict each other"),
+    (["--providers", "inf-cl"], "nothing to run"),
 ])
 def test_bench_refuses_bad_flags_before_the_sweep(tmp_path, flags, message):
     out = run("bench", "ntxent", "--quick", *flags, "--out", str(tmp_path / "nt"))
@@ -121,3 +134,48 @@ def test_bench_rewrites_its_results_after_every_point(tmp_path, monkeypatch):
     ntxent.run(__import__("torch").device("cpu"), [32, 64], [8], [2], ["fp32"], "in", False, 2, memory=False,
                show_progress=False, only=["torch"], out=tmp_path / "nt")
     assert len(seen) == 2 and 0 < seen[0] < seen[1]
+
+
+def test_a_failing_point_is_reported_kept_apart_and_fails_the_run(tmp_path, monkeypatch, capsys):
+    """One point fails: the others are written and the run exits 1 naming it; when every point
+    fails, earlier results under --out are left as they were (not replaced by empty files)."""
+    from bmssl.bench import common, ntxent
+
+    original = common.time_modes
+
+    def fail_at_64(loss_fn, inputs, device, repeats=20):
+        if inputs[0].shape[0] == 64:
+            raise RuntimeError("out of memory (simulated)")
+        return original(loss_fn, inputs, device, repeats)
+
+    monkeypatch.setattr(common, "time_modes", fail_at_64)
+    flags = ["--views", "2", "--providers", "torch", "--repeats", "2", "--no-memory", "--out", str(tmp_path / "nt")]
+    with pytest.raises(SystemExit, match="1 point"):
+        ntxent.main(["--batches", "32", "64", *flags])
+    assert "provider torch failed on" in capsys.readouterr().err
+    kept = (tmp_path / "nt.json").read_text()
+    assert {json.loads(r["params"])["B"] for r in json.loads(kept)} == {32}
+    with pytest.raises(SystemExit, match="measured nothing"):
+        ntxent.main(["--batches", "64", *flags])
+    assert (tmp_path / "nt.json").read_text() == kept
+
+
+def test_timing_percentiles_lie_within_the_samples(monkeypatch):
+    from bmssl.bench import common
+
+    samples = iter([0.010, 0.020, 0.001, 0.020, 0.021])  # seconds, as perf_counter differences
+    clock = iter([0.0, next(samples), 1.0, 1.0 + next(samples), 2.0, 2.0 + next(samples),
+                  3.0, 3.0 + next(samples), 4.0, 4.0 + next(samples)])
+    monkeypatch.setattr(common.time, "perf_counter", lambda: next(clock))
+    stats = common.time_ms(lambda: None, __import__("torch").device("cpu"), warmup=0, repeats=2)
+    assert stats["median_ms"] == pytest.approx(15.0)
+    assert 10.0 <= stats["p20_ms"] <= stats["p80_ms"] <= 20.0  # the exclusive method gave 6 and 24
+
+
+def test_bench_kl_bootstrap_measures_cpu_peak_memory(tmp_path):
+    from bmssl.bench import kl_bootstrap
+
+    rows = kl_bootstrap.main(["--rows", "256", "--classes", "8", "--no-compile", "--repeats", "2",
+                              "--out", str(tmp_path / "kl")])
+    peaks = {r["provider"]: r["value"] for r in rows if r["metric"] == "peak_bytes"}
+    assert {"torch", "bmssl-cpu"} <= set(peaks) and all(v >= 0 for v in peaks.values())

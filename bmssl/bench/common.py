@@ -11,6 +11,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -63,7 +64,9 @@ def time_ms(fn, device, warmup=3, repeats=20, max_seconds=10.0):
         spent += samples[-1] / 1e3
         if spent > max_seconds and len(samples) >= 3:
             break
-    quantiles = statistics.quantiles(samples, n=5) if len(samples) > 1 else samples * 4
+    # "inclusive": percentiles within the samples (the default "exclusive" method extrapolates
+    # past them with 2-4 samples: [10, 20] ms gave p20 = 6 and p80 = 24)
+    quantiles = statistics.quantiles(samples, n=5, method="inclusive") if len(samples) > 1 else samples * 4
     return {"median_ms": statistics.median(samples), "p20_ms": quantiles[0], "p80_ms": quantiles[3]}
 
 
@@ -94,12 +97,9 @@ def time_modes(loss_fn, inputs, device, repeats=20):
 def peak_cpu_bytes_in_subprocess(module, args, timeout=900):
     """Peak resident-memory rise of `python -m module --memory-child args...`, which must print
     {"peak_bytes": ...}. A fresh process per measurement, so nothing earlier hides the peak."""
-    import os
-    import sys
-
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(torch.get_num_threads()))
     out = subprocess.run([sys.executable, "-m", module, "--memory-child", *map(str, args)],
-                         capture_output=True, text=True, timeout=timeout, env=env)
+                         capture_output=True, text=True, timeout=timeout, env=env)  # killed on Ctrl-C
     if out.returncode != 0:
         raise RuntimeError(f"memory child failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
@@ -157,11 +157,18 @@ def device_name(device):
 
 
 def commit():
+    """The short commit of the checkout, with "-dirty" when tracked files differ from it (the
+    numbers then come from code that no commit holds)."""
     try:
         root = Path(__file__).resolve().parents[2]
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
+        head = out.stdout.strip()
+        if not head:
+            return "unknown"
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10)
+        return head + ("-dirty" if status.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -217,6 +224,44 @@ def known_providers(extra=()):
 
     return ["torch", "torch_compile", *(f"bmssl-{name}" for name in backends.BACKENDS if name != "torch"),
             *extra]
+
+
+def sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt in the main thread, as Ctrl-C does: a sweep's measured
+    rows are already written, and a running child process is killed (subprocess.run does so on
+    any exception) instead of outliving it."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
+def point_failed(op, provider, params, error):
+    """Report one point that could not be measured (out of memory, a peer's own limits); the
+    sweep goes on, and finish() makes the run exit non-zero."""
+    print(f"{op}: provider {provider} failed on {params}: {type(error).__name__}: {str(error)[:300]}",
+          file=sys.stderr)
+
+
+def finish(results, failures, out_prefix, summary):
+    """End of a sweep: the summary and <out_prefix>.csv / .json when anything was measured (an
+    empty sweep leaves earlier files as they were); exit status 1 when a point failed or nothing
+    was measured."""
+    if results:
+        print(summary(results))
+        for path in write(results, out_prefix):
+            print(f"wrote {path}")
+    else:
+        print(f"nothing was measured: {output_paths(out_prefix)[0]} and .json are left as they were",
+              file=sys.stderr)
+    if failures or not results:
+        raise SystemExit(f"{failures} point(s) of the sweep failed (reasons above); the others were written"
+                         if results else "the benchmark measured nothing")
+    return results
 
 
 def write(rows, out_prefix):

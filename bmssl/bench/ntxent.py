@@ -43,15 +43,36 @@ def inf_cl_reason(device, views, dim):
     return None
 
 
-def providers(device, dtype, with_compile, views=2, dim=128, say=print):
-    """The providers of one case; say(message) reports each one skipped and why."""
+def providers(device, dtype, with_compile, views=2, dim=128, say=print, only=None):
+    """The providers of one case (of `only`, when given); say(message) reports each one left out
+    and why."""
     names = common.bmssl_providers(SUPPORT, device, dtype, with_compile, shape=(dim,))  # limits read d only
     reason = inf_cl_reason(device, views, dim)
     if reason is None:
         names.append("inf-cl")
-    else:
+    elif not only or "inf-cl" in only:
         say(f"provider inf-cl skipped: {reason}")
+    if only:
+        for name in only:
+            if name not in names:
+                say(f"provider {name} skipped ({dtype}, d = {dim}, M = {views}, {device}): "
+                    f"{provider_reason(name, device, dtype, dim, with_compile) or reason}")
+        names = [name for name in names if name in only]
     return names
+
+
+def provider_reason(name, device, dtype, dim, with_compile):
+    """Why a bmssl or torch_compile provider cannot run here (None for inf-cl: inf_cl_reason)."""
+    from bmssl import backends
+
+    if name == "torch_compile" and not with_compile:
+        return "--no-compile leaves it out"
+    if name.startswith("bmssl-"):
+        backend = name.removeprefix("bmssl-")
+        if backend == "triton" and device.type == "cpu":
+            return "Triton on CPU tensors is its interpreter, a correctness tool that is not timed"
+        return backends.input_reason(backend, SUPPORT, device, dtype, (dim,))
+    return None
 
 
 def inf_cl_loss(temperature):
@@ -102,9 +123,10 @@ def memory_child(argv):
 
 
 def run(device, batches, dims, views_list, dtypes, variant, with_compile, repeats, memory=True,
-        show_progress=True, only=None, out=None):
-    """The sweep's rows; with `out`, <out>.csv and .json are rewritten after every point, so a
-    sweep stopped part-way keeps what it measured."""
+        show_progress=True, only=None, out=None, count_failures=False):
+    """The sweep's rows (and, with count_failures, the number of points that failed); with
+    `out`, <out>.csv and .json are rewritten after every point, so a sweep stopped part-way keeps
+    what it measured."""
     env = common.environment(device)
     said = set()
 
@@ -114,32 +136,32 @@ def run(device, batches, dims, views_list, dtypes, variant, with_compile, repeat
             print(message, file=sys.stderr)
 
     grid = [(b, d, m, t, p) for b, d, m, t in itertools.product(batches, dims, views_list, dtypes)
-            for p in providers(device, DTYPES[t], with_compile, m, d, say) if not only or p in only]
+            for p in providers(device, DTYPES[t], with_compile, m, d, say, only)]
     if not grid:
         raise ValueError(f"nothing to run: none of the providers {' '.join(only or [])} can run these cases on "
                          f"{device} (see the reasons above)")
-    results = []
+    results, failures = [], 0
     for batch, dim, views, dtype_name, provider in progress(grid, desc="ntxent", disable=not show_progress):
         params = {"B": batch, "d": dim, "M": views, "dtype": dtype_name, "variant": variant}
         z, labels = inputs(batch, dim, views, DTYPES[dtype_name], device)
         try:
             timings = common.time_modes(loss_fn(provider, 0.1, variant), (z, labels), device, repeats)
+            if memory and device.type == "cpu":
+                timings["fwd+bwd"]["peak_bytes"] = common.peak_cpu_bytes_in_subprocess(
+                    "bmssl.bench.ntxent", [provider, batch, dim, views, dtype_name, variant])
         except Exception as error:  # out of memory, a peer's own limits: report it, keep the sweep
-            print(f"provider {provider} failed on {params}: {type(error).__name__}: {str(error)[:300]}",
-                  file=sys.stderr)
+            common.point_failed("ntxent", provider, params, error)
+            failures += 1
             del z, labels
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
-        if memory and device.type == "cpu":
-            timings["fwd+bwd"]["peak_bytes"] = common.peak_cpu_bytes_in_subprocess(
-                "bmssl.bench.ntxent", [provider, batch, dim, views, dtype_name, variant])
         for mode, stats in timings.items():
             for metric, value in stats.items():
                 results.append(common.row(env, "ntxent", provider, mode, metric, params, value))
         if out is not None:
             common.write(results, out)
-    return results
+    return (results, failures) if count_failures else results
 
 
 def summary(results):
@@ -148,7 +170,7 @@ def summary(results):
     for r in results:
         if r["mode"] == "fwd+bwd" and r["metric"] in ("median_ms", "peak_bytes"):
             table.setdefault((r["params"], r["provider"]), {})[r["metric"]] = r["value"]
-    lines = [f"{'shape':<58} {'provider':<14} {'fwd+bwd ms':>10} {'speedup':>8} {'peak MB':>9} {'mem %':>6}"]
+    lines = [f"{'shape':<58} {'provider':<14} {'fwd+bwd ms':>10} {'speedup':>8} {'peak MiB':>9} {'mem %':>6}"]
     for (params, provider), row in sorted(table.items()):
         base = table.get((params, "torch"), {})
         speed = f"{base['median_ms'] / row['median_ms']:7.2f}x" if base.get("median_ms") else ""
@@ -184,13 +206,23 @@ def main(args=None):
     device = common.bench_device(args.device, parser)
     common.check_arguments(parser, args, ("batches", "dims", "views", "repeats"), common.known_providers(["inf-cl"]))
     batches = args.batches or ([1024, 4096, 8192] if device.type == "cpu" else [4096, 16384, 65536])
+    if any(views < 2 for views in args.views):
+        parser.error(f"--views must be >= 2 (an image's views are its positives), got {' '.join(map(str, args.views))}")
+    uneven = [(b, m) for b in batches for m in args.views if b % m]
+    if uneven:
+        parser.error("each of --batches must be a multiple of each of --views (B rows = B/M images × M views), "
+                     f"not B = {uneven[0][0]} with M = {uneven[0][1]}")
+    if args.providers and args.no_compile and "torch_compile" in args.providers:
+        parser.error("--providers torch_compile and --no-compile contradict each other")
     dtypes = args.dtypes or (["fp32"] if device.type == "cpu" else ["bf16"])
-    results = run(device, batches, args.dims, args.views, dtypes, args.variant, not args.no_compile,
-                  args.repeats, memory=not args.no_memory, only=args.providers, out=args.out)
-    print(summary(results))
-    for path in common.write(results, args.out):
-        print(f"wrote {path}")
-    return results
+    common.sigterm_as_interrupt()
+    try:
+        results, failures = run(device, batches, args.dims, args.views, dtypes, args.variant, not args.no_compile,
+                                args.repeats, memory=not args.no_memory, only=args.providers, out=args.out,
+                                count_failures=True)
+    except ValueError as error:  # nothing can run: a usage error, before anything was measured
+        parser.error(str(error))
+    return common.finish(results, failures, args.out, summary)
 
 
 if __name__ == "__main__":

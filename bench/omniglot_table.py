@@ -5,6 +5,10 @@ the drift probes of the BMSSL objective (paper eq. 3), through the bmssl Python 
     python bench/omniglot_table.py --dataset glyphs --steps 150 --episodes 600
     python bench/omniglot_table.py --table-only          # rebuild table.md from the JSONs
 
+table.md presents one budget: it is written only when the records in --out agree on it (the data,
+evaluation, budget and every MetaConfig field but method and target_data); otherwise the script
+names the fields that differ and exits with status 1, as --table-only does without records.
+
 Data. omniglot: unlabelled training on every image of images_background_small1 (5 alphabets);
 few-shot tests on the alphabets only in images_background_small2 (Japanese_(katakana), Sanskrit,
 Tagalog). glyphs: the embedded default set, split_by_group((0.8, 0.2), seed=0).
@@ -339,7 +343,46 @@ def paired(a, b):
     return f"{100 * d.mean():+.2f} ± {100 * confidence_interval(d):.2f}"
 
 
+# What makes a method: the record's method and task_weight, and these MetaConfig fields.
+METHOD_FIELDS = ("method", "target_data")
+EVAL_FIELDS = ("settings", "queries", "episodes", "seed", "finetune_steps", "finetune_lr")
+
+
+class MixedRecords(ValueError):
+    """The records of one --out folder were made under different budgets or settings."""
+
+
+def _shared_fields(record):
+    """{field: value} of what the table presents as common to every row: the data, the
+    evaluation and the seed; for a trained method also the budget and every MetaConfig field but
+    those that define the method (scratch trains nothing: its budget and optimiser do not apply).
+    A MetaConfig field that an older record lacks had its default value."""
+    fields = {"dataset": record["dataset"], "data": record["data"], "seed": record["seed"],
+              **{f"eval.{k}": record["eval"].get(k) for k in EVAL_FIELDS}}
+    if record["budget"]["outer_steps"]:
+        config = {**asdict(MetaConfig()), **record["config"]}
+        fields.update({f"budget.{k}": v for k, v in record["budget"].items()})
+        fields.update({f"config.{k}": v for k, v in config.items() if k not in METHOD_FIELDS})
+    return fields
+
+
+def check_same_budget(records, out_dir: Path):
+    """MixedRecords naming each field whose value differs between the records, and the files."""
+    shared = {method: _shared_fields(record) for method, record in records.items()}
+    differing = []
+    for field in sorted(set().union(*shared.values())):
+        values = {method: fields[field] for method, fields in shared.items() if field in fields}
+        if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
+            differing.append(f"  {field}: " + ", ".join(f"{m}.json {json.dumps(v)}" for m, v in values.items()))
+    if differing:
+        raise MixedRecords(f"not writing {out_dir / 'table.md'}: it presents one budget and one evaluation, but "
+                           f"the records in {out_dir} differ in\n" + "\n".join(differing) + "\nrerun the methods "
+                           "with the same flags (--force), or give each set of flags its own --out")
+
+
 def write_table(out_dir: Path, args):
+    """out_dir/table.md from the records there (None when there are none); MixedRecords when
+    they were not made under one budget."""
     records = {}
     for method in METHODS:
         path = out_dir / f"{method}.json"
@@ -347,9 +390,10 @@ def write_table(out_dir: Path, args):
             records[method] = json.loads(path.read_text())
     if not records:
         return None
+    check_same_budget(records, out_dir)
     any_record = next(iter(records.values()))
-    budget, eval_info, config = any_record["budget"], any_record["eval"], any_record["config"]
     trained = next((r for r in records.values() if r["budget"]["outer_steps"]), any_record)
+    budget, eval_info, config = trained["budget"], any_record["eval"], trained["config"]
     lines = [f"# Few-shot accuracy on {any_record['dataset']} (%, mean ± 95% CI)", ""]
     lines += [f"Train: {any_record['data']['train']}", "",
               f"Test (unseen alphabets): {any_record['data']['test']}", "",
@@ -464,7 +508,7 @@ def main(argv=None):
     args = parse_args(argv)
     out_dir = args.out or REPO / "bench" / "results" / args.dataset
     if args.table_only:
-        write_table(out_dir, args)
+        table(out_dir, args)
         return
     torch.set_num_threads(args.threads)
     pool, images, labels, description = load_data(args.dataset, args.max_test_classes)
@@ -474,8 +518,23 @@ def main(argv=None):
             print(f"skip {method}: {out_dir / f'{method}.json'} exists (--force reruns)", file=sys.stderr)
             continue
         run_method(method, args, pool, images, labels, description, out_dir)
-        write_table(out_dir, args)
-    write_table(out_dir, args)
+        if method != args.methods[-1]:
+            table(out_dir, args, final=False)  # the table so far, while the next methods train
+    table(out_dir, args)
+
+
+def table(out_dir: Path, args, final=True):
+    """write_table; when the records are mixed (or there are none), the reason on stderr, and at
+    the end (final) the exit status 1."""
+    try:
+        if write_table(out_dir, args) is not None:
+            return
+        reason = f"no table to build: none of {', '.join(f'{m}.json' for m in METHODS)} is in {out_dir}"
+    except MixedRecords as error:
+        reason = str(error)
+    if final:
+        sys.exit(f"omniglot_table.py: {reason}")
+    print(f"omniglot_table.py: {reason}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -206,6 +206,22 @@ def test_non_finite_input_gives_nan_not_a_finite_value(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("which", ["weight", "bias"])
+@pytest.mark.parametrize("relu, pool", [(True, True), (True, False), (False, True)])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
+def test_a_nan_affine_entry_gives_a_nan_channel(backend, which, relu, pool):
+    """relu(NaN) is NaN, and so is a pooled window of NaN: with relu and pool together the mask
+    `not (max > 0)` once turned that channel into zeros."""
+    generator = torch.Generator().manual_seed(9)
+    x, weight, bias = inputs(1, 4, 4, 4, torch.float32, generator)
+    (weight if which == "weight" else bias)[0] = float("nan")
+    y = bmssl.ops.group_norm(x, weight, bias, 2, relu=relu, pool=pool, backend=backend)
+    assert y[0, 0].isnan().all() and y[0, 1:].isfinite().all()
+    twin = bmssl.reference.group_norm(x, weight, bias, 2, relu=relu, pool=pool)
+    assert twin[0, 0].isnan().all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("spike", [3e19, -1e30, 3e38])
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy
 def test_a_variance_past_fp32s_range_is_normalised_like_fp64(backend, spike):

@@ -137,6 +137,39 @@ def test_a_target_row_without_a_finite_entry_gives_nan_not_zero(backend):
     assert torch.isnan(bmssl.kl_bootstrap(student, target, 1.0, backend=backend))
 
 
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # numpy in the Triton interpreter
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
+@pytest.mark.parametrize("bad", ["nan", "+inf", "all -inf"])
+def test_the_second_derivative_of_a_row_without_a_target_softmax_is_nan(backend, bad):
+    """A target row with no softmax: the loss and gradient are NaN, and so is the Hessian-vector
+    product (the fused backward-of-backward once ignored the target there, giving numbers)."""
+    target = torch.tensor([[0.0, 0.0, 1.0], [0.5, -1.0, 2.0]])
+    target[0] = {"nan": torch.tensor([float("nan"), 0.0, 1.0]), "+inf": torch.tensor([float("inf"), 0.0, 1.0]),
+                 "all -inf": torch.full((3,), float("-inf"))}[bad]
+    student = torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, -1.0]], requires_grad=True)
+    rows = bmssl.kl_bootstrap(student, target, 1.0, reduction="none", backend=backend)
+    (grad,) = torch.autograd.grad(rows.sum(), student, create_graph=True)
+    (hvp,) = torch.autograd.grad((grad * torch.tensor([[-1.0, 0.0, 1.0]] * 2)).sum(), student)
+    assert torch.isnan(rows[0]) and torch.isnan(grad[0]).all() and torch.isnan(hvp[0]).all()
+    assert torch.isfinite(hvp[1]).all()  # the other row is untouched
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("offset", [0.0, 100.0, 1e4])
+def test_fp32_value_near_the_target_has_no_cancellation(backend, offset):
+    """The bootstrap regime: student ≈ target (+ a shift, which changes no softmax), logits around
+    `offset`. The row KL is tiny; computing it as E_q[b - a] - lse(b) + lse(a) cancelled O(offset)
+    terms (errors of 1e-3 at offset 1e4, negative KLs); the kernels are now as accurate as the
+    fp32 twin (a few 1e-7)."""
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randn(64, 200, dtype=torch.float64, generator=generator) * 3 + offset
+    student = target + 1e-3 * torch.randn(64, 200, dtype=torch.float64, generator=generator) + 5.0
+    exact = bmssl.kl_bootstrap(student, target, 1.0, reduction="none", backend="torch")
+    twin = bmssl.kl_bootstrap(student.float(), target.float(), 1.0, reduction="none", backend="torch").double()
+    got = bmssl.kl_bootstrap(student.float(), target.float(), 1.0, reduction="none", backend=backend).double()
+    assert (got - exact).abs().max() <= max(4 * (twin - exact).abs().max(), 2e-6)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
 def test_identical_inputs_give_zero(backend):
     x = torch.randn(20, 7)

@@ -45,6 +45,9 @@ def student_grad_of_grad(grad_row_kl, student, target, temperature, upstream):
     d_grad = ((v * (p - q)).sum(-1) / temperature).to(grad_row_kl.dtype)
     inner = (v * p).sum(-1, keepdim=True)
     d_student = grad_row_kl.to(acc)[..., None] / temperature**2 * p * (v - inner)
+    # q does not enter d/dstudent, but a target row without a softmax (NaN, +inf or all -inf
+    # entries) must give NaN here too, as the loss and its gradient do: + 0 · sum(q) (0 when finite)
+    d_student = d_student + 0.0 * q.sum(-1, keepdim=True)
     return d_grad, d_student.to(student.dtype)
 
 

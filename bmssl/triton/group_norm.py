@@ -69,7 +69,7 @@ if triton is not None:
             best = tl.where(take, a, best)
             arg = tl.where(take, position, arg)
         if RELU:
-            arg = tl.where(best > 0.0, arg, -1)
+            arg = tl.where(best <= 0.0, -1, arg)  # a NaN maximum is not masked: NaN stays NaN
         return base, arg, best
 
     @jit

@@ -1,10 +1,12 @@
 """Triton kernels of bmssl::kl_bootstrap_rows (maths in csrc/kl_bootstrap.cpp).
 
     a = student/T, b = target/T;  row_kl = sum_j softmax(b)_j (b_j - a_j) - lse(b) + lse(a)
-    grad_student_rj = grad_row_kl_r (softmax(a)_j - softmax(b)_j) / T
+                                         = sum_j softmax(b)_j (b'_j - a'_j) + log(sum e^{a'} / sum e^{b'})
+    with a' = a - max a, b' = b - max b;  grad_student_rj = grad_row_kl_r (softmax(a)_j - softmax(b)_j) / T
 
-One program per row walks its C classes in BLOCK chunks. Each lane keeps an online
-(max, sum) for a and b and the cross term sum e^{b - max_b} (b - a); lanes merge at the end.
+One program per row walks its C classes in BLOCK chunks twice: the row maxima, then the sums of
+e^{a'}, e^{b'} and e^{b'} (b' - a') (the shifts cancel inside each term, so large logits or a
+student that is the target plus a constant lose no accuracy).
 student, target: [R, C] contiguous; row_kl [R], row_lse [R, 2] in ACC (fp32, fp64 for fp64).
 A target entry of -inf has probability 0 and adds nothing.
 """
@@ -16,50 +18,44 @@ if triton is not None:
     import triton.language as tl
 
     @jit
-    def _exp_minus(x, top):
-        # exp(x - top), with top = -inf read as 0: then x is -inf too and the result is 0,
-        # never exp(-inf + inf) = NaN.
-        return tl.exp(x - tl.where(top == float("-inf"), 0.0, top))
-
-    @jit
     def _forward_kernel(student_ptr, target_ptr, row_kl_ptr, row_lse_ptr, classes, inv_t,
                         BLOCK: tl.constexpr, ACC: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = row * classes
-        max_a = tl.full([BLOCK], float("-inf"), ACC)
-        max_b = tl.full([BLOCK], float("-inf"), ACC)
+        # pass 1: the row maxima of a and b
+        lane_max_a = tl.full([BLOCK], float("-inf"), ACC)
+        lane_max_b = tl.full([BLOCK], float("-inf"), ACC)
+        for start in range(0, classes, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < classes
+            a = tl.load(student_ptr + base + cols, mask=mask, other=float("-inf")).to(ACC) * inv_t
+            b = tl.load(target_ptr + base + cols, mask=mask, other=float("-inf")).to(ACC) * inv_t
+            lane_max_a = tl.maximum(lane_max_a, a)
+            lane_max_b = tl.maximum(lane_max_b, b)
+        max_a = tl.max(lane_max_a, axis=0)
+        max_b = tl.max(lane_max_b, axis=0)
+        # pass 2: with a' = a - max_a, b' = b - max_b, sums of e^{a'}, e^{b'} and cross = sum
+        # e^{b'} (b' - a'): the shifts cancel inside each term (see csrc/cpu/kl_bootstrap.cpp)
         sum_a = tl.zeros([BLOCK], ACC)
         sum_b = tl.zeros([BLOCK], ACC)
         cross = tl.zeros([BLOCK], ACC)
         for start in range(0, classes, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < classes
-            a = tl.load(student_ptr + base + cols, mask=mask, other=float("-inf")).to(ACC) * inv_t
-            b = tl.load(target_ptr + base + cols, mask=mask, other=float("-inf")).to(ACC) * inv_t
-            new_a = tl.maximum(max_a, a)
-            sum_a = sum_a * _exp_minus(max_a, new_a) + _exp_minus(a, new_a)
-            max_a = new_a
-            new_b = tl.maximum(max_b, b)
-            scale_b = _exp_minus(max_b, new_b)
-            weight_b = _exp_minus(b, new_b)
+            a = tl.load(student_ptr + base + cols, mask=mask, other=float("-inf")).to(ACC) * inv_t - max_a
+            b = tl.load(target_ptr + base + cols, mask=mask, other=float("-inf")).to(ACC) * inv_t - max_b
+            weight_b = tl.exp(b)  # masked lanes: exp(-inf - max) = 0
             # where q_j = 0 the term is 0; zeroing a and b there keeps 0 * inf out
             live = weight_b > 0
-            b_live = tl.where(live, b, 0.0)
-            a_live = tl.where(live, a, 0.0)
-            sum_b = sum_b * scale_b + weight_b
-            cross = cross * scale_b + weight_b * (b_live - a_live)
-            max_b = new_b
-        top_a = tl.max(max_a, axis=0)
-        top_b = tl.max(max_b, axis=0)
-        total_a = tl.sum(sum_a * _exp_minus(max_a, top_a), axis=0)
-        lane_b = _exp_minus(max_b, top_b)
-        total_b = tl.sum(sum_b * lane_b, axis=0)
-        total_cross = tl.sum(cross * lane_b, axis=0)
-        lse_a = top_a + tl.log(total_a)
-        lse_b = top_b + tl.log(total_b)
-        tl.store(row_kl_ptr + row, total_cross / total_b - lse_b + lse_a)
-        tl.store(row_lse_ptr + 2 * row, lse_a)
-        tl.store(row_lse_ptr + 2 * row + 1, lse_b)
+            sum_a += tl.where(mask, tl.exp(a), 0.0)
+            sum_b += tl.where(mask, weight_b, 0.0)
+            cross += tl.where(live, weight_b * (tl.where(live, b, 0.0) - tl.where(live, a, 0.0)), 0.0)
+        total_a = tl.sum(sum_a, axis=0)
+        total_b = tl.sum(sum_b, axis=0)
+        total_cross = tl.sum(cross, axis=0)
+        tl.store(row_kl_ptr + row, total_cross / total_b + tl.log(total_a / total_b))
+        tl.store(row_lse_ptr + 2 * row, max_a + tl.log(total_a))
+        tl.store(row_lse_ptr + 2 * row + 1, max_b + tl.log(total_b))
 
     @jit
     def _backward_kernel(grad_row_kl_ptr, student_ptr, target_ptr, row_lse_ptr, grad_ptr, classes,

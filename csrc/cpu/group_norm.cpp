@@ -77,7 +77,7 @@ inline int window_arg(T a0, T a1, T a2, T a3, bool relu, T& best) {
   best = take ? a2 : best, arg = take ? 2 : arg;
   take = a3 > best;
   best = take ? a3 : best, arg = take ? 3 : arg;
-  return (relu & !(best > T(0))) ? -1 : arg;
+  return (relu & (best <= T(0))) ? -1 : arg;  // a NaN maximum is not masked: NaN stays NaN, as relu(NaN)
 }
 
 // The window at columns j, j + 1 of the row pair x0, x1.

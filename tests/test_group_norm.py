@@ -206,6 +206,23 @@ def test_non_finite_input_gives_nan_not_a_finite_value(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("eps", [1e-5, 1e-10])
+def test_a_constant_group_normalises_to_exactly_zero(backend, eps):
+    """A constant group has mean = its value and variance 0: x̂ = 0 exactly (weight 1, bias 0 so
+    that the folded affine y = x·scale + shift adds no rounding of its own). Summing x itself in
+    fp32 missed the mean by a few ulps, which 1/sqrt(eps) turned into |y| ~ 2e-4 (eps 1e-5) and
+    5e-2 (eps 1e-10)."""
+    generator = torch.Generator().manual_seed(10)
+    x, weight, bias = inputs(2, 4, 28, 28, torch.float32, generator)
+    x[1, :2] = 0.3
+    weight[:2], bias[:2] = 1.0, 0.0
+    y = bmssl.ops.group_norm(x, weight, bias, 2, eps=eps, backend=backend)
+    assert torch.equal(y[1, :2], torch.zeros(2, 28, 28))
+    exact = bmssl.reference.group_norm(x.double(), weight.double(), bias.double(), 2, eps=eps)
+    torch.testing.assert_close(y, exact.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("which", ["weight", "bias"])
 @pytest.mark.parametrize("relu, pool", [(True, True), (True, False), (False, True)])
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy

@@ -101,10 +101,20 @@ if triton is not None:
                                                                                  width, out_h, out_w)
         x_group = x_ptr + group * m
         lanes = tl.arange(0, BLOCK).to(tl.int64)
+        # mean = x_0 + sum (x - x_0) / m: deviations from the group's first value keep a constant
+        # group exact and an offset one accurate (csrc/cpu/group_norm.cpp); overflowing ones sum plainly
+        origin = tl.load(x_group).to(tl.float32)
         total = tl.zeros([BLOCK], tl.float32)
         for start in range(0, m, BLOCK):
-            total += tl.load(x_group + start + lanes, mask=start + lanes < m, other=0.0).to(tl.float32)
-        mean = tl.sum(total, axis=0) / m
+            mask = start + lanes < m
+            total += tl.where(mask, tl.load(x_group + start + lanes, mask=mask, other=0.0).to(tl.float32) - origin, 0.0)
+        deviations = tl.sum(total, axis=0)
+        mean = origin + deviations / m
+        if (tl.abs(deviations) == float("inf")) & (tl.abs(origin) < float("inf")):
+            total = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, m, BLOCK):
+                total += tl.load(x_group + start + lanes, mask=start + lanes < m, other=0.0).to(tl.float32)
+            mean = tl.sum(total, axis=0) / m
         squares = tl.zeros([BLOCK], tl.float32)
         for start in range(0, m, BLOCK):
             mask = start + lanes < m

@@ -244,12 +244,24 @@ void forward_impl(const Layout& l, const T* x, const T* weight, const T* bias, d
   at::parallel_for(0, l.count(), 1, [&](int64_t begin, int64_t end) {
     for (int64_t group = begin; group < end; ++group) {
       const T* xg = x + group * m;
-      double sum = 0;
+      // mean = x_0 + sum (x - x_0) / m: summing the deviations from the group's first value keeps
+      // a constant group exact (y = 0, not rounding noise times 1/sqrt(eps)) and an offset group
+      // accurate; if they overflow (|x| near T's max), the plain sum.
+      const T origin = xg[0];
+      double deviations = 0;
       for (int64_t k = 0; k < gc; ++k) {
         const T* xc = xg + k * plane;
-        sum += plane_sum<T>(plane, [&](int64_t i) { return xc[i]; });
+        deviations += plane_sum<T>(plane, [&](int64_t i) { return xc[i] - origin; });
       }
-      const T mean_t = T(sum / double(m));
+      T mean_t = T(double(origin) + deviations / double(m));
+      if (!std::isfinite(deviations) && std::isfinite(double(origin))) {
+        double sum = 0;
+        for (int64_t k = 0; k < gc; ++k) {
+          const T* xc = xg + k * plane;
+          sum += plane_sum<T>(plane, [&](int64_t i) { return xc[i]; });
+        }
+        mean_t = T(sum / double(m));
+      }
       double squares = 0;
       for (int64_t k = 0; k < gc; ++k) {
         const T* xc = xg + k * plane;

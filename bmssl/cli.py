@@ -50,6 +50,9 @@ QUICK = {  # `bmssl bench <op> --quick`: one small sweep, no torch.compile, a fe
 }
 
 
+QUICK_SHAPES = {"kl_bootstrap": "rows 16384, classes 5 and 64", "ntxent": "B 2048, M 2"}
+
+
 def bench(args):
     """`bmssl bench <op>`; --quick sets the QUICK sweep for every flag not given on the command
     line (a flag given with the value of its default counts as given)."""
@@ -89,7 +92,8 @@ def build_parser():
     for name, module in (("kl_bootstrap", kl_bootstrap), ("ntxent", ntxent)):
         op_parser = ops.add_parser(name, help=module.__doc__.splitlines()[0])
         op_parser.add_argument("--quick", action="store_true",
-                               help="one small shape, no torch.compile: a few seconds (flags given with it still apply)")
+                               help="a small sweep (" + QUICK_SHAPES[name] + "), no torch.compile: a few seconds "
+                                    "(flags given with it still apply)")
         module.add_arguments(op_parser)
         op_parser.set_defaults(run=_guarded(bench, "bench"))
 

@@ -8,9 +8,28 @@ bug of lightly #1528 and open_clip #616: each rank then keeps only its own share
 """
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_functional
 
 from bmssl.ops.ntxent import ntxent, ntxent_rect
+
+
+class GatherRows(torch.autograd.Function):
+    """cat over ranks of each rank's [B, d] rows (all_gather). Backward: the gradient of every
+    rank's copy of the gathered rows is summed (all_reduce) and each rank keeps the slice of its
+    own rows, i.e. the sum of what all ranks send to a row. (torch.distributed.nn's all_gather
+    does the same and is deprecated.)"""
+
+    @staticmethod
+    def forward(ctx, rows, group):
+        ctx.group, ctx.rank, ctx.size = group, dist.get_rank(group), rows.shape[0]
+        parts = [torch.empty_like(rows) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, rows.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank * ctx.size:(ctx.rank + 1) * ctx.size], None
 
 
 def ntxent_gathered(z, labels, temperature=0.1, variant="in", normalize=True, group=None, backend=None):
@@ -31,7 +50,7 @@ def ntxent_gathered(z, labels, temperature=0.1, variant="in", normalize=True, gr
         raise ValueError(f"ntxent_gathered: every rank must pass the same batch size, got "
                          f"{[int(s) for s in sizes]}")
     u = torch.nn.functional.normalize(z, dim=-1) if normalize else z
-    u_all = torch.cat(dist_functional.all_gather(u, group=group))
+    u_all = GatherRows.apply(u, group)
     labels_gathered = [torch.empty_like(labels) for _ in range(world)]
     dist.all_gather(labels_gathered, labels.contiguous(), group=group)
     labels_all = torch.unique(torch.cat(labels_gathered), return_inverse=True)[1]

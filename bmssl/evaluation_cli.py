@@ -78,14 +78,23 @@ def add_eval_command_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     S = argparse.SUPPRESS
 
-    def add(group, name, help, **kwargs):
+    def add(group, name, help, inherited=False, **kwargs):
+        """inherited: a data or model flag, whose default is the first checkpoint's value."""
         names = [flag(name)] + ALIASES.get(name, []) + (["--settings"] if name == "eval_settings" else [])
         if name == "eval":
             return
         if "type" in kwargs and "metavar" not in kwargs and "choices" not in kwargs:
             kwargs["metavar"] = "FLOAT" if kwargs["type"] in (float, _optional_float) else "INT"
-        shown = "" if "default:" in help else f" (default: {_shown(name, d)})"
+        if "default:" in help:
+            shown = ""
+        elif inherited:
+            shown = f" (default: the first checkpoint's; without one, {_shown(name, d)})"
+        else:
+            shown = f" (default: {_shown(name, d)})"
         group.add_argument(*names, dest=name, default=S, help=help + shown, **kwargs)
+
+    def inherit(group, name, help, **kwargs):
+        add(group, name, help, inherited=True, **kwargs)
 
     models = parser.add_argument_group("models (the scratch model's flags default to the first checkpoint's)")
     models.add_argument("--checkpoint", nargs="+", default=[], metavar="PATH",
@@ -93,23 +102,23 @@ def add_eval_command_arguments(parser: argparse.ArgumentParser) -> None:
     models.add_argument("--method", choices=["scratch"], default=None,
                         help="also evaluate a random initialisation (the scratch baseline), drawn from --seed")
     models.add_argument("--seed", type=int, default=0, help="seed of the scratch model (default: 0)")
-    add(models, "backbone", "scratch model's backbone", choices=BACKBONES)
-    add(models, "hidden", "scratch model's conv4 channels", type=int)
-    add(models, "depth", "scratch model's conv4 blocks", type=int)
-    add(models, "widths", "scratch model's resnet12 widths", type=int, nargs="+")
-    add(models, "norm", "scratch model's normalisation", choices=NORMS)
-    add(models, "projection_dim", "scratch model's projection size", type=int)
-    add(models, "inner_steps", "scratch model's L (finetune's default steps)", type=int)
-    add(models, "inner_lr", "scratch model's α (finetune's default learning rate)", type=float)
+    inherit(models, "backbone", "scratch model's backbone", choices=BACKBONES)
+    inherit(models, "hidden", "scratch model's conv4 channels", type=int)
+    inherit(models, "depth", "scratch model's conv4 blocks", type=int)
+    inherit(models, "widths", "scratch model's resnet12 widths", type=int, nargs="+")
+    inherit(models, "norm", "scratch model's normalisation", choices=NORMS)
+    inherit(models, "projection_dim", "scratch model's projection size", type=int)
+    inherit(models, "inner_steps", "scratch model's L (finetune's default steps)", type=int)
+    inherit(models, "inner_lr", "scratch model's α (finetune's default learning rate)", type=float)
 
     data = parser.add_argument_group("data (default: the first checkpoint's)")
-    add(data, "data", DATA_HELP, metavar="SPEC")
-    add(data, "eval_data", "test on all of this spec instead of the held-out split of --data (refused when a test "
+    inherit(data, "data", DATA_HELP, metavar="SPEC")
+    inherit(data, "eval_data", "test on all of this spec instead of the held-out split of --data (refused when a test "
         "image is also a training image)", metavar="SPEC")
-    add(data, "image_size", "image side in pixels", type=int)
-    add(data, "channels", "folder: data only: 1 or 3", type=int)
-    add(data, "test_fraction", "fraction of the groups held out", type=float)
-    add(data, "split_seed", "seed of the train/test split", type=int)
+    inherit(data, "image_size", "image side in pixels", type=int)
+    inherit(data, "channels", "folder: data only: 1 or 3", type=int)
+    inherit(data, "test_fraction", "fraction of the groups held out", type=float)
+    inherit(data, "split_seed", "seed of the train/test split", type=int)
 
     evaluation = parser.add_argument_group("evaluation")
     add_eval_arguments(evaluation, add)

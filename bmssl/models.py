@@ -8,7 +8,8 @@ torch.func.vmap over tasks and under gradients of gradients: the inner loop repl
 parameters by per-task fast weights w_l, so nothing may keep state between calls.
 
 Normalisation (`norm=`):
-- "group" (default): per-sample statistics (GroupNorm, 8 groups). An image's
+- "group" (default): per-sample statistics (GroupNorm, gcd(channels, 8) groups: 8 at the
+  default width). An image's
   features do not depend on which other images share its forward call, so the support pass,
   the query pass, the bootstrap target's pass and evaluation all agree however they are batched,
   and no statistic leaks from one query image to another.

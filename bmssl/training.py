@@ -34,7 +34,9 @@ same global batch of K tasks; rank r keeps tasks [r·K/W, (r+1)·K/W). The meta-
 loss and metrics) are averaged over ranks before clipping and the Adam step, so θ stays the same
 on every rank and equals one process holding the whole batch (up to floating-point summation
 order). For simclr, the NT-Xent's negatives are gathered from every rank
-(bmssl.distributed.ntxent_gathered), again as in one process. Rank 0 alone prints and writes files.
+(bmssl.distributed.ntxent_gathered), again as in one process. Rank 0 alone writes files and shows
+progress; an error is printed by each rank that meets it (every rank, for a bad flag), and a rank
+that fails leaves the job at once, so torchrun ends the others instead of waiting on them.
 """
 from __future__ import annotations
 
@@ -537,12 +539,16 @@ class World:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return bool(tensor.item())
 
-    def close(self):
+    def close(self, failed: bool = False):
         """Leave the job: wait for every rank (rank 0 may still be writing results), then tear the
         group down. A rank that destroyed its gloo group while a peer was still connected could
-        abort at exit ("terminate called without an active exception")."""
+        abort at exit ("terminate called without an active exception"). A rank that fails does
+        not wait: its peers sit in the next step's all_reduce, so a barrier would hang the whole
+        job until the collective timeout; leaving at once lets that all_reduce fail on the peers
+        and torchrun end the job, with this rank's error printed."""
         if self.owns_group and dist.is_initialized():
-            dist.barrier()
+            if not failed:
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -573,8 +579,9 @@ class Run:
         self.learner = build_learner(config, self.image_shape, self.device, self.dtype)
         if world.size > 1:
             self.learner.gradient_hook = world.average_hook()
-            ways = config.images_per_batch // config.tasks
-            self.learner.simclr_ntxent = world.simclr_ntxent(config.tasks // world.size * ways)
+            if config.method == "simclr":  # the other methods' NT-Xent is per task, on one rank
+                ways = config.images_per_batch // config.tasks
+                self.learner.simclr_ntxent = world.simclr_ntxent(config.tasks // world.size * ways)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.history, self.evaluation, self.step = [], [], 0
         self.evaluated_with = None  # the settings and step of θ of the rows in self.evaluation
@@ -709,10 +716,13 @@ def train(config: TrainConfig, run_dir=None, resume=None, overrides: dict | None
     if config.threads:
         torch.set_num_threads(config.threads)
     world = World.from_environment(config.device)
+    failed = True
     try:
-        return _train(config, run_dir, state, world, show_progress)
+        result = _train(config, run_dir, state, world, show_progress)
+        failed = False
+        return result
     finally:
-        world.close()
+        world.close(failed=failed)
 
 
 def merge_resume_config(saved: TrainConfig, overrides: dict, path) -> TrainConfig:
@@ -815,7 +825,7 @@ def _evaluate(run: Run, status: str) -> None:
 def _loop(run: Run, target: int, show_progress) -> str:
     """Steps until `target`: "stopped", or "interrupted" after SIGINT / SIGTERM (the step in
     progress finishes first; run.stop_signal names the signal). A second signal aborts the step:
-    results.json then says "interrupted" with the step of the last checkpoint. Any other error
+    results.json then says "interrupted", and its error names the step the checkpoint holds. Any other error
     (a non-finite loss, a bad BMSSL_BACKEND, ...) is recorded in results.json as "failed" with
     its text, and raised; the checkpoint stays, and --resume continues from it."""
     config, world = run.config, run.world
@@ -825,14 +835,17 @@ def _loop(run: Run, target: int, show_progress) -> str:
     bar = StepBar(total=config.steps, initial=run.step, desc=config.method, disable=not (enabled and world.is_main),
                   every=config.log_every)
     stop = StopRequests("stopping after the step in progress, then checkpointing; again to abort at once")
+    doing = "outer step"  # what was in progress when an error came: a step, or the checkpoint after one
     try:
         with stop:
             while run.step < target:
+                doing = f"outer step {run.step + 1}"
                 _step(run, bar)
                 if world.any(stop.requested, run.device):
                     run.stop_signal = stop.signal
                     return "interrupted"
                 if run.step % config.checkpoint_every == 0 and run.step < target:
+                    doing = f"the checkpoint after outer step {run.step}"
                     run.save("running")
     except KeyboardInterrupt:
         run.write_results("interrupted", f"aborted during step {run.step + 1}; {run_files.CHECKPOINT_NAME} holds "
@@ -844,8 +857,9 @@ def _loop(run: Run, target: int, show_progress) -> str:
     except Exception as error:
         resume = (f"the last checkpoint is step {run.saved_step} in {run.run_dir / run_files.CHECKPOINT_NAME}; "
                   f"--resume {run.run_dir} continues from there")
-        run.write_results("failed", f"{type(error).__name__} in outer step {run.step + 1}: {error}; {resume}")
-        _log(world, f"bmssl train: failed in outer step {run.step + 1}; {resume}")
+        run.write_results("failed", f"{type(error).__name__} in {doing}: {error}; {resume}")
+        print(f"bmssl train: rank {world.rank} failed in {doing}; {resume}" if world.size > 1
+              else f"bmssl train: failed in {doing}; {resume}", file=sys.stderr, flush=True)
         raise
     finally:
         bar.close()
@@ -1043,7 +1057,11 @@ def main(args: argparse.Namespace) -> int:
     else:
         result = train(TrainConfig(), out, resume=resume, overrides=overrides)
     if result["status"] == "interrupted":
-        print(f"bmssl train: interrupted by {signal.Signals(result['signal']).name} at step {result['step']}, "
+        # under torchrun a rank may stop because another rank was signalled (signal None here)
+        number = result["signal"] if result["signal"] is not None else signal.SIGTERM
+        cause = (signal.Signals(result["signal"]).name if result["signal"] is not None
+                 else "a signal to another torchrun rank")
+        print(f"bmssl train: interrupted by {cause} at step {result['step']}, "
               f"checkpointed; continue with --resume {result['run_dir']}", file=sys.stderr)
-        return 128 + int(result["signal"])
+        return 128 + int(number)
     return 0

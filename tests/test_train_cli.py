@@ -248,6 +248,37 @@ def test_torchrun_two_gloo_processes_equal_one_process(folder, tmp_path, capsys,
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-9)
 
 
+FAILING_RANK = """
+import os, sys
+from bmssl import cli, meta
+original = meta.MetaLearner.step
+def step(self, batch):  # rank 1 meets an error in outer step 2 (a bad file, an OOM on one host, ...)
+    if os.environ["RANK"] == "1" and self.steps_done == 1:
+        raise RuntimeError("injected failure on rank 1")
+    return original(self, batch)
+meta.MetaLearner.step = step
+sys.exit(cli.main())
+"""
+
+
+def test_one_torchrun_rank_failing_ends_the_job_with_its_error(folder, tmp_path):
+    """The failing rank leaves at once (no barrier: its peer waits in the next all_reduce), so
+    torchrun ends the job in seconds, not at the 2-hour collective timeout, and the failing
+    rank's error is printed."""
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK)
+    common = ["--data", folder, *TINY, "-N", 8, "-K", 4, "--steps", 4, "--checkpoint-every", 1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               "train", *map(str, common), "--out", str(tmp_path / "run")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=150,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert "injected failure on rank 1" in done.stderr and "rank 1 failed in outer step 2" in done.stderr, \
+        done.stderr[-3000:]
+    record = results(tmp_path / "run")
+    assert record["step"] == 1 and record["status"] == "failed"  # rank 0: its all_reduce lost the peer
+
+
 def test_tasks_must_divide_among_the_torchrun_processes(folder, tmp_path):
     config = TrainConfig(data=folder, channels=1, image_size=16, images_per_batch=6, tasks=3, hidden=4, depth=2)
     with pytest.raises(ValueError, match="must be divisible by the 2 torchrun processes"):

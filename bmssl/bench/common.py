@@ -105,6 +105,25 @@ def peak_cpu_bytes_in_subprocess(module, args, timeout=900):
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
+def print_peak_of_forward_backward(loss_fn, inputs):
+    """A memory child's work: one forward+backward of loss_fn(*inputs) (gradient with respect to
+    inputs[0]) as warm-up (compiles, first allocations), then the peak RSS rise of another,
+    printed as {"peak_bytes": ...} for peak_cpu_bytes_in_subprocess."""
+    def step():
+        torch.autograd.grad(loss_fn(*inputs), inputs[0])
+
+    step()
+    print(json.dumps({"peak_bytes": peak_rss_rise(step)}))
+
+
+def entry_point(main, memory_child):
+    """`python -m bmssl.bench.<op>`: the benchmark, or with --memory-child its memory child."""
+    if len(sys.argv) > 1 and sys.argv[1] == "--memory-child":
+        memory_child(sys.argv[2:])
+    else:
+        main()
+
+
 def _status_bytes(field):
     with open("/proc/self/status") as handle:
         for line in handle:

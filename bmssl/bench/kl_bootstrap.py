@@ -8,8 +8,6 @@ process that runs one forward+backward (python -m bmssl.bench.kl_bootstrap --mem
 """
 import argparse
 import itertools
-import json
-import sys
 
 import torch
 from bmssl.progress import progress
@@ -52,16 +50,14 @@ def measure(provider, rows, classes, dtype, device, temperature=1.0, repeats=20)
 def memory_child(argv):
     """One forward+backward in this fresh process; prints its peak RSS rise as JSON."""
     provider, rows, classes, dtype_name = argv
-    fn = loss_fn(provider, 1.0)
-    student, target = inputs(int(rows), int(classes), DTYPES[dtype_name], torch.device("cpu"))
-    torch.autograd.grad(fn(student, target), student)  # warm-up (compiles, first allocations)
-    print(json.dumps({"peak_bytes": common.peak_rss_rise(lambda: torch.autograd.grad(fn(student, target), student))}))
+    common.print_peak_of_forward_backward(
+        loss_fn(provider, 1.0), inputs(int(rows), int(classes), DTYPES[dtype_name], torch.device("cpu")))
 
 
 def run(device, rows_list, classes_list, dtypes, with_compile, repeats, show_progress=True, out=None,
-        memory=True, count_failures=False):
-    """The sweep's rows (and, with count_failures, the number of points that failed); with
-    `out`, <out>.csv and .json are rewritten after every point."""
+        memory=True):
+    """(the sweep's rows, the number of points that failed); with `out`, <out>.csv and .json
+    are rewritten after every point."""
     env = common.environment(device)
     grid = [(r, c, d, p) for r, c, d in itertools.product(rows_list, classes_list, dtypes)
             for p in providers(device, DTYPES[d], with_compile)]
@@ -82,7 +78,7 @@ def run(device, rows_list, classes_list, dtypes, with_compile, repeats, show_pro
                 results.append(common.row(env, "kl_bootstrap", provider, mode, metric, params, value))
         if out is not None:
             common.write(results, out)
-    return (results, failures) if count_failures else results
+    return results, failures
 
 
 def summary(results):
@@ -125,12 +121,9 @@ def main(args=None):
     dtypes = args.dtypes or (["fp32"] if device.type == "cpu" else ["bf16", "fp32"])
     common.sigterm_as_interrupt()
     results, failures = run(device, args.rows, args.classes, dtypes, not args.no_compile, args.repeats, out=args.out,
-                            memory=not args.no_memory, count_failures=True)
+                            memory=not args.no_memory)
     return common.finish(results, failures, args.out, summary)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--memory-child":
-        memory_child(sys.argv[2:])
-    else:
-        main()
+    common.entry_point(main, memory_child)

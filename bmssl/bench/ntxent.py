@@ -112,21 +112,15 @@ def inputs(batch, dim, views, dtype, device, seed=0):
 
 def memory_child(argv):
     """One forward+backward in this fresh process; prints its peak RSS rise as JSON."""
-    import json
-
     provider, batch, dim, views, dtype_name, variant = argv
-    fn = loss_fn(provider, 0.1, variant)
-    z, labels = inputs(int(batch), int(dim), int(views), DTYPES[dtype_name], torch.device("cpu"))
-    torch.autograd.grad(fn(z, labels), z)  # warm-up (compiles, first allocations)
-    peak = common.peak_rss_rise(lambda: torch.autograd.grad(fn(z, labels), z))
-    print(json.dumps({"peak_bytes": peak}))
+    common.print_peak_of_forward_backward(
+        loss_fn(provider, 0.1, variant), inputs(int(batch), int(dim), int(views), DTYPES[dtype_name], torch.device("cpu")))
 
 
 def run(device, batches, dims, views_list, dtypes, variant, with_compile, repeats, memory=True,
-        show_progress=True, only=None, out=None, count_failures=False):
-    """The sweep's rows (and, with count_failures, the number of points that failed); with
-    `out`, <out>.csv and .json are rewritten after every point, so a sweep stopped part-way keeps
-    what it measured."""
+        show_progress=True, only=None, out=None):
+    """(the sweep's rows, the number of points that failed); with `out`, <out>.csv and .json are
+    rewritten after every point, so a sweep stopped part-way keeps what it measured."""
     env = common.environment(device)
     said = set()
 
@@ -161,7 +155,7 @@ def run(device, batches, dims, views_list, dtypes, variant, with_compile, repeat
                 results.append(common.row(env, "ntxent", provider, mode, metric, params, value))
         if out is not None:
             common.write(results, out)
-    return (results, failures) if count_failures else results
+    return results, failures
 
 
 def summary(results):
@@ -218,15 +212,11 @@ def main(args=None):
     common.sigterm_as_interrupt()
     try:
         results, failures = run(device, batches, args.dims, args.views, dtypes, args.variant, not args.no_compile,
-                                args.repeats, memory=not args.no_memory, only=args.providers, out=args.out,
-                                count_failures=True)
+                                args.repeats, memory=not args.no_memory, only=args.providers, out=args.out)
     except ValueError as error:  # nothing can run: a usage error, before anything was measured
         parser.error(str(error))
     return common.finish(results, failures, args.out, summary)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--memory-child":
-        memory_child(sys.argv[2:])
-    else:
-        main()
+    common.entry_point(main, memory_child)

@@ -204,7 +204,7 @@ def group_norm(x, weight, bias, groups, eps=1e-5, relu=False, pool=False, backen
     CPU backend (fp32/fp64) and the Triton backend (fp16/bf16/fp32); other inputs take the twin.
     backend: see bmssl.backends. Under torch.autocast, weight and bias are cast to x's dtype (a
     bf16 conv output with fp32 parameters, as F.group_norm takes it on CPU)."""
-    if autocast_enabled(x.device) and isinstance(x, torch.Tensor) and x.dtype.is_floating_point:
+    if isinstance(x, torch.Tensor) and x.dtype.is_floating_point and autocast_enabled(x.device):
         weight = weight.to(x.dtype) if isinstance(weight, torch.Tensor) else weight
         bias = bias.to(x.dtype) if isinstance(bias, torch.Tensor) else bias
     groups, eps = check_group_norm(x, weight, bias, groups, eps, pool)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from bmssl.ops import group_norm
+from bmssl.ops import conv2d, group_norm
 
 NORMS = ("group", "batch", "none")
 HEADS = ("zero", "shared")
@@ -62,6 +62,15 @@ class GroupNorm2d(nn.Module):
 
     def forward_relu_pool(self, x):
         return group_norm(x, self.weight, self.bias, self.groups, self.eps, relu=True, pool=True)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (zero padding) run as bmssl.ops.conv2d: the same forward and backward, and a
+    second derivative that computes only the gradients asked for (the inner loop's
+    differentiated backward). BMSSL_BACKEND=torch runs F.conv2d itself."""
+
+    def forward(self, x):
+        return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class BatchStatNorm2d(nn.Module):
@@ -114,7 +123,7 @@ class ConvNet(nn.Module):
                              f"{2**depth}x{2**depth} pixels, got {height}x{width}")
         blocks = []
         for index in range(depth):
-            blocks += [nn.Conv2d(channels if index == 0 else hidden, hidden, 3, padding=1),
+            blocks += [Conv2d(channels if index == 0 else hidden, hidden, 3, padding=1),
                        make_norm(norm, hidden), nn.ReLU(), nn.MaxPool2d(2)]
             height, width = height // 2, width // 2
         self.blocks = nn.Sequential(*blocks)
@@ -135,13 +144,13 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, norm: str):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
         self.norm1 = make_norm(norm, out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
         self.norm2 = make_norm(norm, out_channels)
-        self.conv3 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.conv3 = Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
         self.norm3 = make_norm(norm, out_channels)
-        self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
+        self.shortcut = nn.Sequential(Conv2d(in_channels, out_channels, 1, bias=False),
                                       make_norm(norm, out_channels))
 
     def forward(self, x):

@@ -7,13 +7,17 @@
 // recomputed from x and the (mean, rstd) statistics. The backward writes da into grad_x first
 // and overwrites it in place. Per-channel sums over n (grad_weight, grad_bias) go through a
 // [T, N, C] buffer of per-group partials, reduced afterwards: no atomics. Group sums are fp64.
-// fp32 and fp64 only; other dtypes take the twin.
+// fp32 and fp64 only; other dtypes take the twin. The group loops are vector clones
+// (vector_clones.h): AVX-512, AVX2 + FMA or baseline code, as the CPU allows; everything they
+// call is inlined into them (BMSSL_INLINE), so it is compiled for that ISA too.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
+
+#include "vector_clones.h"
 
 #include <algorithm>
 #include <cmath>
@@ -62,13 +66,29 @@ Layout layout_of(const at::Tensor& x, const at::Tensor& weight, const at::Tensor
   return l;
 }
 
-// The 2x2 window a0 a1 / a2 a3 of one pooled output (a = x * scale + shift): returns the
+// a = (x - mean) * scale + bias for one channel, scale = weight * rstd, from the stored (mean,
+// rstd): the forward, backward and double backward all use this one rounding, so they agree on
+// every mask and argmax. x = mean gives exactly bias whether or not the compiler fuses the
+// multiply-add (the AVX2 and AVX-512 clones do), and an offset group loses nothing to the
+// cancellation of x * scale against mean * scale.
+template <typename T>
+struct Affine {
+  T mean, scale, bias;
+  BMSSL_INLINE T operator()(T x) const { return (x - mean) * scale + bias; }
+};
+
+template <typename T>
+BMSSL_INLINE Affine<T> channel_affine(T weight, T bias, T mean, T rstd) {
+  return Affine<T>{mean, weight * rstd, bias};
+}
+
+// The 2x2 window a0 a1 / a2 a3 of one pooled output (a = affine(x)): returns the
 // position of its first maximum (0..3), or -1 where relu masks the window (max a <= 0), and
 // sets `best` to that maximum. Selects on computed values only, and at_arg picks a value by
 // arithmetic, so the window loops vectorise: data-dependent branches here cost more than the
 // memory traffic (and a select of a loaded value is not if-converted).
 template <typename T>
-inline int window_arg(T a0, T a1, T a2, T a3, bool relu, T& best) {
+BMSSL_INLINE int window_arg(T a0, T a1, T a2, T a3, bool relu, T& best) {
   best = a0;
   int arg = 0;
   bool take = a1 > best;
@@ -82,20 +102,19 @@ inline int window_arg(T a0, T a1, T a2, T a3, bool relu, T& best) {
 
 // The window at columns j, j + 1 of the row pair x0, x1.
 template <typename T>
-inline int window_arg_at(const T* x0, const T* x1, int64_t j, T scale, T shift, bool relu, T& best) {
-  return window_arg(x0[j] * scale + shift, x0[j + 1] * scale + shift, x1[j] * scale + shift,
-                    x1[j + 1] * scale + shift, relu, best);
+BMSSL_INLINE int window_arg_at(const T* x0, const T* x1, int64_t j, Affine<T> affine, bool relu, T& best) {
+  return window_arg(affine(x0[j]), affine(x0[j + 1]), affine(x1[j]), affine(x1[j + 1]), relu, best);
 }
 
 // v[arg] for arg in 0..3, and 0 for -1.
 template <typename T>
-inline T at_arg(int arg, T v0, T v1, T v2, T v3) {
+BMSSL_INLINE T at_arg(int arg, T v0, T v1, T v2, T v3) {
   return T(arg == 0) * v0 + T(arg == 1) * v1 + T(arg == 2) * v2 + T(arg == 3) * v3;
 }
 
 // Sums over one plane in T (vectorised), returned in fp64; planes are summed in fp64.
 template <typename T, typename F>
-double plane_sum(int64_t plane, F&& term) {
+BMSSL_INLINE double plane_sum(int64_t plane, F&& term) {
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < plane; ++i) sum += term(i);
@@ -111,8 +130,8 @@ double plane_sum(int64_t plane, F&& term) {
 // backward. A NaN in grad_y then spreads over its window, which changes nothing: the group
 // sums carry it to every element of the group in any case.
 template <typename T>
-void route_pooled(const Layout& l, const T* x, const T* u, const T* grad_y, T scale, T shift, T mean, T rstd,
-                  T* da, double sums[3]) {
+BMSSL_INLINE void route_pooled(const Layout& l, const T* x, const T* u, const T* grad_y, Affine<T> affine, T mean,
+                               T rstd, T* da, double sums[3]) {
   const int64_t width = l.width, out_w = l.out_width();
   const bool relu = l.relu;
   T sd = 0, sdx = 0, sdu = 0;
@@ -128,7 +147,7 @@ void route_pooled(const Layout& l, const T* x, const T* u, const T* grad_y, T sc
     for (int64_t oj = 0; oj < out_w; ++oj) {
       const int64_t j = 2 * oj;
       T best;
-      const int arg = window_arg_at(x0, x1, j, scale, shift, relu, best);
+      const int arg = window_arg_at(x0, x1, j, affine, relu, best);
       const T x_arg = at_arg(arg, x0[j], x0[j + 1], x1[j], x1[j + 1]);
       const T u_arg = at_arg(arg, u0[j], u0[j + 1], u1[j], u1[j + 1]);
       const T gv = g[oj];
@@ -154,14 +173,14 @@ void route_pooled(const Layout& l, const T* x, const T* u, const T* grad_y, T sc
 
 // The same without pooling: da = grad_y [* (a > 0)], dense.
 template <typename T>
-void route_dense(const Layout& l, const T* x, const T* u, const T* grad_y, T scale, T shift, T mean, T rstd,
-                 T* da, double sums[3]) {
+BMSSL_INLINE void route_dense(const Layout& l, const T* x, const T* u, const T* grad_y, Affine<T> affine, T mean,
+                              T rstd, T* da, double sums[3]) {
   const int64_t plane = l.plane();
   const bool relu = l.relu;
 #pragma omp simd
   for (int64_t i = 0; i < plane; ++i) {
     const T g = grad_y[i];
-    da[i] = (!relu | (x[i] * scale + shift > T(0))) ? g : T(0);
+    da[i] = (!relu | (affine(x[i]) > T(0))) ? g : T(0);
   }
   sums[0] = plane_sum<T>(plane, [&](int64_t i) { return da[i]; });
   sums[1] = plane_sum<T>(plane, [&](int64_t i) { return da[i] * ((x[i] - mean) * rstd); });
@@ -169,32 +188,24 @@ void route_dense(const Layout& l, const T* x, const T* u, const T* grad_y, T sca
 }
 
 template <typename T>
-void route_plane(const Layout& l, const T* x, const T* u, const T* grad_y, T scale, T shift, T mean, T rstd,
-                 T* da, double sums[3]) {
+BMSSL_INLINE void route_plane(const Layout& l, const T* x, const T* u, const T* grad_y, Affine<T> affine, T mean,
+                              T rstd, T* da, double sums[3]) {
   if (l.pool) {
-    route_pooled(l, x, u, grad_y, scale, shift, mean, rstd, da, sums);
+    route_pooled(l, x, u, grad_y, affine, mean, rstd, da, sums);
   } else {
-    route_dense(l, x, u, grad_y, scale, shift, mean, rstd, da, sums);
+    route_dense(l, x, u, grad_y, affine, mean, rstd, da, sums);
   }
-}
-
-// a = x * scale + shift for one channel, from the stored (mean, rstd): the forward, backward and
-// double backward all use this one rounding, so they agree on every mask and argmax.
-template <typename T>
-void channel_affine(T weight, T bias, T mean, T rstd, T& scale, T& shift) {
-  scale = weight * rstd;
-  shift = bias - mean * scale;
 }
 
 // ---- forward ----------------------------------------------------------------------------------
 
 template <typename T>
-void forward_plane(const Layout& l, const T* x, T scale, T shift, T* y) {
+BMSSL_INLINE void forward_plane(const Layout& l, const T* x, Affine<T> affine, T* y) {
   const bool relu = l.relu;
   if (!l.pool) {
 #pragma omp simd
     for (int64_t i = 0; i < l.plane(); ++i) {
-      const T a = x[i] * scale + shift;
+      const T a = affine(x[i]);
       y[i] = (relu & (a < T(0))) ? T(0) : a;
     }
     return;
@@ -208,7 +219,7 @@ void forward_plane(const Layout& l, const T* x, T scale, T shift, T* y) {
     for (int64_t oj = 0; oj < out_w; ++oj) {
       const int64_t j = 2 * oj;
       T best;
-      const int arg = window_arg_at(x0, x1, j, scale, shift, relu, best);
+      const int arg = window_arg_at(x0, x1, j, affine, relu, best);
       yr[oj] = arg < 0 ? T(0) : best;
     }
   }
@@ -220,7 +231,7 @@ void forward_plane(const Layout& l, const T* x, T scale, T shift, T* y) {
 // pass over the group), so every other group keeps its rounding. An x - mean that is itself
 // infinite still gives NaN: a / a.
 template <typename T>
-double scaled_rstd(const T* xg, int64_t group_channels, int64_t plane, T mean, double eps) {
+BMSSL_INLINE double scaled_rstd(const T* xg, int64_t group_channels, int64_t plane, T mean, double eps) {
   T largest = 0;
   for (int64_t k = 0; k < group_channels; ++k) {
     const T* xc = xg + k * plane;
@@ -238,57 +249,64 @@ double scaled_rstd(const T* xg, int64_t group_channels, int64_t plane, T mean, d
   return 1.0 / (a * std::sqrt(squares / m + eps / (a * a)));
 }
 
+// Groups [begin, end) of the forward (vector clones: vector_clones.h).
+template <typename T>
+BMSSL_VECTOR_CLONES void forward_groups(const Layout& l, const T* x, const T* weight, const T* bias, double eps, T* y,
+                                        T* stats, int64_t begin, int64_t end) {
+  const int64_t gc = l.group_channels(), plane = l.plane(), m = l.group_size();
+  for (int64_t group = begin; group < end; ++group) {
+    const T* xg = x + group * m;
+    // mean = x_0 + sum (x - x_0) / m: summing the deviations from the group's first value keeps
+    // a constant group exact (y = 0, not rounding noise times 1/sqrt(eps)) and an offset group
+    // accurate; if they overflow (|x| near T's max), the plain sum.
+    const T origin = xg[0];
+    double deviations = 0;
+    for (int64_t k = 0; k < gc; ++k) {
+      const T* xc = xg + k * plane;
+      deviations += plane_sum<T>(plane, [&](int64_t i) { return xc[i] - origin; });
+    }
+    T mean_t = T(double(origin) + deviations / double(m));
+    if (!std::isfinite(deviations) && std::isfinite(double(origin))) {
+      double sum = 0;
+      for (int64_t k = 0; k < gc; ++k) {
+        const T* xc = xg + k * plane;
+        sum += plane_sum<T>(plane, [&](int64_t i) { return xc[i]; });
+      }
+      mean_t = T(sum / double(m));
+    }
+    double squares = 0;
+    for (int64_t k = 0; k < gc; ++k) {
+      const T* xc = xg + k * plane;
+      squares += plane_sum<T>(plane, [&](int64_t i) { return (xc[i] - mean_t) * (xc[i] - mean_t); });
+    }
+    // NaN / Inf input makes the statistics NaN, and the group's output is NaN, so the failure
+    // shows instead of passing on as a finite, meaningless value. Squares that overflow T
+    // from finite input are summed again, scaled.
+    const bool overflowed = std::isfinite(double(mean_t)) && !std::isfinite(squares);
+    const double rstd = overflowed ? scaled_rstd<T>(xg, gc, plane, mean_t, eps)
+                                   : 1.0 / std::sqrt(squares / double(m) + eps);
+    const T mean = mean_t, rstd_t = T(rstd);
+    stats[2 * group] = mean;
+    stats[2 * group + 1] = rstd_t;
+    const int64_t t = l.task_of(group), c0 = l.weight_channel(group);
+    const bool finite = std::isfinite(double(mean)) && std::isfinite(double(rstd_t)) && rstd_t > T(0);
+    for (int64_t k = 0; k < gc; ++k) {
+      const Affine<T> affine =
+          channel_affine(weight[t * l.channels + c0 + k], bias[t * l.channels + c0 + k], mean, rstd_t);
+      T* yc = y + (l.first_channel(group) + k) * l.out_plane();
+      if (!finite) {
+        for (int64_t o = 0; o < l.out_plane(); ++o) yc[o] = std::numeric_limits<T>::quiet_NaN();
+        continue;
+      }
+      forward_plane(l, xg + k * plane, affine, yc);
+    }
+  }
+}
+
 template <typename T>
 void forward_impl(const Layout& l, const T* x, const T* weight, const T* bias, double eps, T* y, T* stats) {
-  const int64_t gc = l.group_channels(), plane = l.plane(), m = l.group_size();
   at::parallel_for(0, l.count(), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t group = begin; group < end; ++group) {
-      const T* xg = x + group * m;
-      // mean = x_0 + sum (x - x_0) / m: summing the deviations from the group's first value keeps
-      // a constant group exact (y = 0, not rounding noise times 1/sqrt(eps)) and an offset group
-      // accurate; if they overflow (|x| near T's max), the plain sum.
-      const T origin = xg[0];
-      double deviations = 0;
-      for (int64_t k = 0; k < gc; ++k) {
-        const T* xc = xg + k * plane;
-        deviations += plane_sum<T>(plane, [&](int64_t i) { return xc[i] - origin; });
-      }
-      T mean_t = T(double(origin) + deviations / double(m));
-      if (!std::isfinite(deviations) && std::isfinite(double(origin))) {
-        double sum = 0;
-        for (int64_t k = 0; k < gc; ++k) {
-          const T* xc = xg + k * plane;
-          sum += plane_sum<T>(plane, [&](int64_t i) { return xc[i]; });
-        }
-        mean_t = T(sum / double(m));
-      }
-      double squares = 0;
-      for (int64_t k = 0; k < gc; ++k) {
-        const T* xc = xg + k * plane;
-        squares += plane_sum<T>(plane, [&](int64_t i) { return (xc[i] - mean_t) * (xc[i] - mean_t); });
-      }
-      // NaN / Inf input makes the statistics NaN, and the group's output is NaN, so the failure
-      // shows instead of passing on as a finite, meaningless value. Squares that overflow T
-      // from finite input are summed again, scaled.
-      const bool overflowed = std::isfinite(double(mean_t)) && !std::isfinite(squares);
-      const double rstd = overflowed ? scaled_rstd<T>(xg, gc, plane, mean_t, eps)
-                                     : 1.0 / std::sqrt(squares / double(m) + eps);
-      const T mean = mean_t, rstd_t = T(rstd);
-      stats[2 * group] = mean;
-      stats[2 * group + 1] = rstd_t;
-      const int64_t t = l.task_of(group), c0 = l.weight_channel(group);
-      const bool finite = std::isfinite(double(mean)) && std::isfinite(double(rstd_t)) && rstd_t > T(0);
-      for (int64_t k = 0; k < gc; ++k) {
-        T scale, shift;
-        channel_affine(weight[t * l.channels + c0 + k], bias[t * l.channels + c0 + k], mean, rstd_t, scale, shift);
-        T* yc = y + (l.first_channel(group) + k) * l.out_plane();
-        if (!finite) {
-          for (int64_t o = 0; o < l.out_plane(); ++o) yc[o] = std::numeric_limits<T>::quiet_NaN();
-          continue;
-        }
-        forward_plane(l, xg + k * plane, scale, shift, yc);
-      }
-    }
+    forward_groups(l, x, weight, bias, eps, y, stats, begin, end);
   });
 }
 
@@ -326,42 +344,50 @@ at::Tensor reduce_over_batch(const Layout& l, const std::vector<double>& partial
 
 // ---- backward ---------------------------------------------------------------------------------
 
+// Groups [begin, end) of the backward (vector clones: vector_clones.h).
+template <typename T>
+BMSSL_VECTOR_CLONES void backward_groups(const Layout& l, const T* grad_y, const T* x, const T* weight, const T* bias,
+                                         const T* stats, T* grad_x, double* weight_partials, double* bias_partials,
+                                         int64_t begin, int64_t end) {
+  const int64_t gc = l.group_channels(), plane = l.plane(), m = l.group_size();
+  for (int64_t group = begin; group < end; ++group) {
+    const T mean = stats[2 * group], rstd = stats[2 * group + 1];
+    const int64_t t = l.task_of(group), c0 = l.weight_channel(group);
+    const T* xg = x + group * m;
+    T* dg = grad_x + group * m;  // holds da until the last pass
+    double sum_h = 0, sum_h_xhat = 0;
+    for (int64_t k = 0; k < gc; ++k) {
+      const T w = weight[t * l.channels + c0 + k];
+      const Affine<T> affine = channel_affine(w, bias[t * l.channels + c0 + k], mean, rstd);
+      double sums[3];
+      route_plane<T>(l, xg + k * plane, nullptr, grad_y + (l.first_channel(group) + k) * l.out_plane(), affine,
+                     mean, rstd, dg + k * plane, sums);
+      const int64_t channel = l.first_channel(group) + k;  // (t, n, c) over [T, N, C]
+      bias_partials[channel] = sums[0];
+      weight_partials[channel] = sums[1];
+      sum_h += double(w) * sums[0];
+      sum_h_xhat += double(w) * sums[1];
+    }
+    const T mean_h = T(sum_h / double(m)), mean_h_xhat = T(sum_h_xhat / double(m));
+    for (int64_t k = 0; k < gc; ++k) {
+      const T w = weight[t * l.channels + c0 + k];
+      const T* xc = xg + k * plane;
+      T* dc = dg + k * plane;
+#pragma omp simd
+      for (int64_t i = 0; i < plane; ++i) {
+        const T xhat = (xc[i] - mean) * rstd;
+        dc[i] = rstd * (w * dc[i] - mean_h - xhat * mean_h_xhat);
+      }
+    }
+  }
+}
+
 template <typename T>
 void backward_impl(const Layout& l, const T* grad_y, const T* x, const T* weight, const T* bias, const T* stats,
                    T* grad_x, std::vector<double>& weight_partials, std::vector<double>& bias_partials) {
-  const int64_t gc = l.group_channels(), plane = l.plane(), m = l.group_size();
   at::parallel_for(0, l.count(), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t group = begin; group < end; ++group) {
-      const T mean = stats[2 * group], rstd = stats[2 * group + 1];
-      const int64_t t = l.task_of(group), c0 = l.weight_channel(group);
-      const T* xg = x + group * m;
-      T* dg = grad_x + group * m;  // holds da until the last pass
-      double sum_h = 0, sum_h_xhat = 0;
-      for (int64_t k = 0; k < gc; ++k) {
-        const T w = weight[t * l.channels + c0 + k];
-        T scale, shift;
-        channel_affine(w, bias[t * l.channels + c0 + k], mean, rstd, scale, shift);
-        double sums[3];
-        route_plane<T>(l, xg + k * plane, nullptr, grad_y + (l.first_channel(group) + k) * l.out_plane(), scale,
-                       shift, mean, rstd, dg + k * plane, sums);
-        const int64_t channel = l.first_channel(group) + k;  // (t, n, c) over [T, N, C]
-        bias_partials[channel] = sums[0];
-        weight_partials[channel] = sums[1];
-        sum_h += double(w) * sums[0];
-        sum_h_xhat += double(w) * sums[1];
-      }
-      const T mean_h = T(sum_h / double(m)), mean_h_xhat = T(sum_h_xhat / double(m));
-      for (int64_t k = 0; k < gc; ++k) {
-        const T w = weight[t * l.channels + c0 + k];
-        const T* xc = xg + k * plane;
-        T* dc = dg + k * plane;
-#pragma omp simd
-        for (int64_t i = 0; i < plane; ++i) {
-          const T xhat = (xc[i] - mean) * rstd;
-          dc[i] = rstd * (w * dc[i] - mean_h - xhat * mean_h_xhat);
-        }
-      }
-    }
+    backward_groups(l, grad_y, x, weight, bias, stats, grad_x, weight_partials.data(), bias_partials.data(),
+                           begin, end);
   });
 }
 
@@ -390,8 +416,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward_cpu(
 
 // d grad_y of one plane: route^T of d_da = weight rstd P(u) + p xhat + q.
 template <typename T>
-void d_grad_y_plane(const Layout& l, const T* x, const T* u, T scale, T shift, T mean, T rstd, T w, T p, T q,
-                    T mean_u, T mean_u_xhat, T* out) {
+BMSSL_INLINE void d_grad_y_plane(const Layout& l, const T* x, const T* u, Affine<T> affine, T mean, T rstd, T w, T p,
+                                 T q, T mean_u, T mean_u_xhat, T* out) {
   auto d_da = [&](T xv, T uv) {
     const T xhat = (xv - mean) * rstd;
     return w * rstd * (uv - mean_u - xhat * mean_u_xhat) + p * xhat + q;
@@ -401,7 +427,7 @@ void d_grad_y_plane(const Layout& l, const T* x, const T* u, T scale, T shift, T
 #pragma omp simd
     for (int64_t i = 0; i < l.plane(); ++i) {
       const T value = d_da(x[i], u[i]);
-      out[i] = (!relu | (x[i] * scale + shift > T(0))) ? value : T(0);
+      out[i] = (!relu | (affine(x[i]) > T(0))) ? value : T(0);
     }
     return;
   }
@@ -416,10 +442,80 @@ void d_grad_y_plane(const Layout& l, const T* x, const T* u, T scale, T shift, T
     for (int64_t oj = 0; oj < out_w; ++oj) {
       const int64_t j = 2 * oj;
       T best;
-      const int arg = window_arg_at(x0, x1, j, scale, shift, relu, best);
+      const int arg = window_arg_at(x0, x1, j, affine, relu, best);
       const T x_arg = at_arg(arg, x0[j], x0[j + 1], x1[j], x1[j + 1]);
       const T u_arg = at_arg(arg, u0[j], u0[j + 1], u1[j], u1[j + 1]);
       o[oj] = T(arg >= 0) * d_da(x_arg, u_arg);
+    }
+  }
+}
+
+// Groups [begin, end) of the double backward (vector clones: vector_clones.h).
+template <typename T>
+BMSSL_VECTOR_CLONES void double_backward_groups(const Layout& l, const T* gg_x, const T* gg_weight, const T* gg_bias,
+                                                const T* grad_y, const T* x, const T* weight, const T* bias,
+                                                const T* stats, T* d_grad_y, T* d_x, double* weight_partials,
+                                                int64_t begin, int64_t end) {
+  const int64_t gc = l.group_channels(), plane = l.plane(), m = l.group_size();
+  for (int64_t group = begin; group < end; ++group) {
+    const T mean = stats[2 * group], rstd = stats[2 * group + 1];
+    const int64_t t = l.task_of(group), c0 = l.weight_channel(group);
+    const T* xg = x + group * m;
+    const T* ug = gg_x + group * m;
+    T* dg = d_x + group * m;  // holds da until the last pass
+    // pass 1: da, and the group sums of u, u xhat, h, h xhat, u h (h = weight da)
+    double sum_u = 0, sum_u_xhat = 0, sum_h = 0, sum_h_xhat = 0, sum_u_h = 0;
+    for (int64_t k = 0; k < gc; ++k) {
+      const T w = weight[t * l.channels + c0 + k];
+      const Affine<T> affine = channel_affine(w, bias[t * l.channels + c0 + k], mean, rstd);
+      const T* xc = xg + k * plane;
+      const T* uc = ug + k * plane;
+      double sums[3];
+      route_plane<T>(l, xc, uc, grad_y + (l.first_channel(group) + k) * l.out_plane(), affine, mean, rstd,
+                     dg + k * plane, sums);
+      sum_u += plane_sum<T>(plane, [&](int64_t i) { return uc[i]; });
+      sum_u_xhat += plane_sum<T>(plane, [&](int64_t i) { return uc[i] * ((xc[i] - mean) * rstd); });
+      sum_h += double(w) * sums[0];
+      sum_h_xhat += double(w) * sums[1];
+      sum_u_h += double(w) * sums[2];
+    }
+    const double md = double(m);
+    const T mean_u = T(sum_u / md), mean_u_xhat = T(sum_u_xhat / md);
+    const T phi_r = T(sum_u_h - sum_h * sum_u / md - sum_h_xhat * sum_u_xhat / md);
+    const T g_h = T(-double(rstd) / md * sum_u_xhat), g_u = T(-double(rstd) / md * sum_h_xhat);
+    // pass 2: d grad_y, the d weight partials, and the group sums of G and G xhat
+    double sum_g = 0, sum_g_xhat = 0;
+    for (int64_t k = 0; k < gc; ++k) {
+      const int64_t wc = t * l.channels + c0 + k;
+      const T w = weight[wc], p = gg_weight[wc], q = gg_bias[wc];
+      const T* xc = xg + k * plane;
+      const T* uc = ug + k * plane;
+      const T* da = dg + k * plane;
+      weight_partials[l.first_channel(group) + k] = plane_sum<T>(plane, [&](int64_t i) {
+        return da[i] * (rstd * (uc[i] - mean_u - (xc[i] - mean) * rstd * mean_u_xhat));
+      });
+      auto g = [&](int64_t i) { return (g_h * w + p) * da[i] + g_u * uc[i]; };
+      sum_g += plane_sum<T>(plane, g);
+      sum_g_xhat += plane_sum<T>(plane, [&](int64_t i) { return g(i) * ((xc[i] - mean) * rstd); });
+      const Affine<T> affine = channel_affine(w, bias[wc], mean, rstd);
+      d_grad_y_plane(l, xc, uc, affine, mean, rstd, w, p, q, mean_u, mean_u_xhat,
+                     d_grad_y + (l.first_channel(group) + k) * l.out_plane());
+    }
+    // pass 3: d x = rstd (G - mean G - xhat mean(G xhat)) - (rstd^2 / m) Phi_r xhat
+    const T mean_g = T(sum_g / md), mean_g_xhat = T(sum_g_xhat / md);
+    const T r_term = T(double(rstd) * double(rstd) / md * double(phi_r));
+    for (int64_t k = 0; k < gc; ++k) {
+      const int64_t wc = t * l.channels + c0 + k;
+      const T gain = g_h * weight[wc] + gg_weight[wc];
+      const T* xc = xg + k * plane;
+      const T* uc = ug + k * plane;
+      T* dc = dg + k * plane;
+#pragma omp simd
+      for (int64_t i = 0; i < plane; ++i) {
+        const T xhat = (xc[i] - mean) * rstd;
+        const T g = gain * dc[i] + g_u * uc[i];
+        dc[i] = rstd * (g - mean_g - xhat * mean_g_xhat) - r_term * xhat;
+      }
     }
   }
 }
@@ -428,71 +524,9 @@ template <typename T>
 void double_backward_impl(const Layout& l, const T* gg_x, const T* gg_weight, const T* gg_bias, const T* grad_y,
                           const T* x, const T* weight, const T* bias, const T* stats, T* d_grad_y, T* d_x,
                           std::vector<double>& weight_partials) {
-  const int64_t gc = l.group_channels(), plane = l.plane(), m = l.group_size();
   at::parallel_for(0, l.count(), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t group = begin; group < end; ++group) {
-      const T mean = stats[2 * group], rstd = stats[2 * group + 1];
-      const int64_t t = l.task_of(group), c0 = l.weight_channel(group);
-      const T* xg = x + group * m;
-      const T* ug = gg_x + group * m;
-      T* dg = d_x + group * m;  // holds da until the last pass
-      // pass 1: da, and the group sums of u, u xhat, h, h xhat, u h (h = weight da)
-      double sum_u = 0, sum_u_xhat = 0, sum_h = 0, sum_h_xhat = 0, sum_u_h = 0;
-      for (int64_t k = 0; k < gc; ++k) {
-        const T w = weight[t * l.channels + c0 + k];
-        T scale, shift;
-        channel_affine(w, bias[t * l.channels + c0 + k], mean, rstd, scale, shift);
-        const T* xc = xg + k * plane;
-        const T* uc = ug + k * plane;
-        double sums[3];
-        route_plane<T>(l, xc, uc, grad_y + (l.first_channel(group) + k) * l.out_plane(), scale, shift, mean, rstd,
-                       dg + k * plane, sums);
-        sum_u += plane_sum<T>(plane, [&](int64_t i) { return uc[i]; });
-        sum_u_xhat += plane_sum<T>(plane, [&](int64_t i) { return uc[i] * ((xc[i] - mean) * rstd); });
-        sum_h += double(w) * sums[0];
-        sum_h_xhat += double(w) * sums[1];
-        sum_u_h += double(w) * sums[2];
-      }
-      const double md = double(m);
-      const T mean_u = T(sum_u / md), mean_u_xhat = T(sum_u_xhat / md);
-      const T phi_r = T(sum_u_h - sum_h * sum_u / md - sum_h_xhat * sum_u_xhat / md);
-      const T g_h = T(-double(rstd) / md * sum_u_xhat), g_u = T(-double(rstd) / md * sum_h_xhat);
-      // pass 2: d grad_y, the d weight partials, and the group sums of G and G xhat
-      double sum_g = 0, sum_g_xhat = 0;
-      for (int64_t k = 0; k < gc; ++k) {
-        const int64_t wc = t * l.channels + c0 + k;
-        const T w = weight[wc], p = gg_weight[wc], q = gg_bias[wc];
-        const T* xc = xg + k * plane;
-        const T* uc = ug + k * plane;
-        const T* da = dg + k * plane;
-        weight_partials[l.first_channel(group) + k] = plane_sum<T>(plane, [&](int64_t i) {
-          return da[i] * (rstd * (uc[i] - mean_u - (xc[i] - mean) * rstd * mean_u_xhat));
-        });
-        auto g = [&](int64_t i) { return (g_h * w + p) * da[i] + g_u * uc[i]; };
-        sum_g += plane_sum<T>(plane, g);
-        sum_g_xhat += plane_sum<T>(plane, [&](int64_t i) { return g(i) * ((xc[i] - mean) * rstd); });
-        T scale, shift;
-        channel_affine(w, bias[wc], mean, rstd, scale, shift);
-        d_grad_y_plane(l, xc, uc, scale, shift, mean, rstd, w, p, q, mean_u, mean_u_xhat,
-                       d_grad_y + (l.first_channel(group) + k) * l.out_plane());
-      }
-      // pass 3: d x = rstd (G - mean G - xhat mean(G xhat)) - (rstd^2 / m) Phi_r xhat
-      const T mean_g = T(sum_g / md), mean_g_xhat = T(sum_g_xhat / md);
-      const T r_term = T(double(rstd) * double(rstd) / md * double(phi_r));
-      for (int64_t k = 0; k < gc; ++k) {
-        const int64_t wc = t * l.channels + c0 + k;
-        const T gain = g_h * weight[wc] + gg_weight[wc];
-        const T* xc = xg + k * plane;
-        const T* uc = ug + k * plane;
-        T* dc = dg + k * plane;
-#pragma omp simd
-        for (int64_t i = 0; i < plane; ++i) {
-          const T xhat = (xc[i] - mean) * rstd;
-          const T g = gain * dc[i] + g_u * uc[i];
-          dc[i] = rstd * (g - mean_g - xhat * mean_g_xhat) - r_term * xhat;
-        }
-      }
-    }
+    double_backward_groups(l, gg_x, gg_weight, gg_bias, grad_y, x, weight, bias, stats, d_grad_y, d_x,
+                                  weight_partials.data(), begin, end);
   });
 }
 

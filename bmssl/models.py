@@ -70,6 +70,8 @@ class Conv2d(nn.Conv2d):
     differentiated backward). BMSSL_BACKEND=torch runs F.conv2d itself."""
 
     def forward(self, x):
+        if self.padding_mode != "zeros":  # reflect / replicate / circular: nn.Conv2d's own padding
+            return super().forward(x)
         return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 

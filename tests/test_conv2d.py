@@ -115,3 +115,14 @@ def test_backend_torch_is_f_conv2d_and_bad_geometry_is_refused():
     with pytest.raises(ValueError, match="stride must be an int or a pair of ints"):
         conv2d(x, weight, bias, stride=(1, 1, 1))
     torch.testing.assert_close(conv2d(x, weight, bias, padding="same"), F.conv2d(x, weight, bias, padding="same"))
+
+
+def test_the_backbone_conv_keeps_nn_conv2d_padding_modes_and_state_dict():
+    from bmssl.models import Conv2d
+    torch.manual_seed(0)
+    for mode in ("zeros", "reflect"):
+        ours, theirs = Conv2d(3, 4, 3, padding=1, padding_mode=mode), torch.nn.Conv2d(3, 4, 3, padding=1,
+                                                                                      padding_mode=mode)
+        theirs.load_state_dict(ours.state_dict())  # the same parameters, by the same names
+        x = torch.randn(2, 3, 6, 6)
+        torch.testing.assert_close(ours(x), theirs(x))

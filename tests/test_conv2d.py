@@ -126,3 +126,17 @@ def test_the_backbone_conv_keeps_nn_conv2d_padding_modes_and_state_dict():
         theirs.load_state_dict(ours.state_dict())  # the same parameters, by the same names
         x = torch.randn(2, 3, 6, 6)
         torch.testing.assert_close(ours(x), theirs(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("input_needs_grad", [True, False])
+def test_derivatives_match_f_conv2d_on_cuda(input_needs_grad):
+    """auto runs this op on CUDA too (cuDNN through aten): the same second derivative there."""
+    results = []
+    for conv in (conv2d, F.conv2d):
+        x, weight, bias = (t.cuda() for t in inputs())
+        x.requires_grad_(input_needs_grad), weight.requires_grad_(), bias.requires_grad_()
+        outer = inner_loop_gradient(conv, x, weight, bias, dict(padding=1))
+        results.append(torch.autograd.grad(outer, [t for t in (x, weight, bias) if t.requires_grad]))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)

@@ -208,10 +208,10 @@ def test_non_finite_input_gives_nan_not_a_finite_value(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("eps", [1e-5, 1e-10])
 def test_a_constant_group_normalises_to_exactly_zero(backend, eps):
-    """A constant group has mean = its value and variance 0: x̂ = 0 exactly (weight 1, bias 0 so
-    that the folded affine y = x·scale + shift adds no rounding of its own). Summing x itself in
-    fp32 missed the mean by a few ulps, which 1/sqrt(eps) turned into |y| ~ 2e-4 (eps 1e-5) and
-    5e-2 (eps 1e-10)."""
+    """A constant group has mean = its value and variance 0: x̂ = 0 exactly, and y = (x - mean)·scale
+    + b = b (weight 1, bias 0). Summing x itself in fp32 missed the mean by a few ulps, which
+    1/sqrt(eps) turned into |y| ~ 2e-4 (eps 1e-5) and 5e-2 (eps 1e-10); the folded affine
+    x·scale + (b - mean·scale) left, under fma, the rounding error of mean·scale."""
     generator = torch.Generator().manual_seed(10)
     x, weight, bias = inputs(2, 4, 28, 28, torch.float32, generator)
     x[1, :2] = 0.3
@@ -379,3 +379,16 @@ def test_gpu_opcheck_triton_ops_and_non_finite_groups(relu, pool):
                              pool=pool, backend="triton")
     assert y[0, :2].isnan().all() and y[1, 2:].isnan().all()
     assert y[0, 2:].isfinite().all() and y[1, :2].isfinite().all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("eps", [1e-5, 1e-10])
+def test_gpu_triton_normalises_a_constant_group_to_exactly_zero(eps):
+    """The compiled kernels round with a real fma: (x - mean)·scale + b is exactly b at x = mean,
+    where x·scale + (b - mean·scale) kept mean·scale's rounding error (the interpreter does not fuse)."""
+    generator = torch.Generator().manual_seed(10)
+    x, weight, bias = (t.cuda() for t in inputs(2, 4, 28, 28, torch.float32, generator))
+    x[1, :2] = 0.3
+    weight[:2], bias[:2] = 1.0, 0.0
+    y = bmssl.ops.group_norm(x, weight, bias, 2, eps=eps, backend="triton")
+    assert torch.equal(y[1, :2], torch.zeros(2, 28, 28, device="cuda"))

@@ -2,7 +2,7 @@
 csrc/group_norm.cpp; csrc/cpu/group_norm.cpp is the same algorithm in C++).
 
     group S = (t, n, g) of m = C/G H W values: mean, rstd = (var + eps)^-1/2 (biased var)
-    scale = w_c rstd, shift = b_c - mean scale, a = x scale + shift, y = pool(act(a))
+    scale = w_c rstd, a = (x - mean) scale + b_c, y = pool(act(a))
     da = grad_y routed to each window's first maximum, times [a > 0] for relu;  h = w_c da
     grad_x = rstd (h - mean h - xhat mean(h xhat)),  grad_w_c = sum da xhat,  grad_b_c = sum da
 
@@ -10,7 +10,7 @@ One program per group walks its C/G channel planes in BLOCK chunks; xhat, a and 
 recomputed from x and the stored (mean, rstd), so nothing full-size is kept besides the outputs.
 da is formed per input element: its window a0 a1 / a2 a3 is re-read and its first maximum found
 as the forward finds it (relu masks a window whose max a <= 0), and every kernel computes
-a = fma(x, scale, shift) from the stats as stored, so masks and argmaxes agree. Per-channel sums
+a = fma(x - mean, scale, b) from the stats as stored, so masks and argmaxes agree. Per-channel sums
 over n (grad_weight, grad_bias, d weight) are [T, N, C] fp32 partials summed in torch afterwards:
 no atomics. x [T, N, C, H, W] contiguous, weight / bias [T, C], stats [T, N, G, 2] (mean, rstd)
 in x's dtype (fp32, fp16, bf16); all maths in fp32. Group bases are int64 offsets.
@@ -39,32 +39,36 @@ if triton is not None:
 
     @jit
     def _affine(w_ptr, b_ptr, index, mean, rstd):
-        """(w, scale, shift) of one channel: the one rounding of a that every kernel uses."""
+        """(w, scale = w rstd, b) of one channel."""
         w = tl.load(w_ptr + index).to(tl.float32)
-        scale = w * rstd
-        shift = tl.fma(-mean, scale, tl.load(b_ptr + index).to(tl.float32))
-        return w, scale, shift
+        return w, w * rstd, tl.load(b_ptr + index).to(tl.float32)
+
+    @jit
+    def _normalise(x, mean, scale, bias):
+        """a = (x - mean) scale + b: the one rounding of a that every kernel uses. x = mean gives
+        exactly b (x scale + (b - mean scale) left the rounding error of mean scale under fma)."""
+        return tl.fma(x - mean, scale, bias)
 
     @jit
     def _channel(x_ptr, grad_y_ptr, w_ptr, b_ptr, group, k, group_channels, first_weight, plane, out_plane,
                  mean, rstd):
-        """Channel k of the group: (its index over [T, N, C], w, scale, shift, its x plane, its
+        """Channel k of the group: (its index over [T, N, C], w, scale, b, its x plane, its
         grad_y (or y) plane)."""
         channel = group * group_channels + k
-        w, scale, shift = _affine(w_ptr, b_ptr, first_weight + k, mean, rstd)
-        return channel, w, scale, shift, x_ptr + channel * plane, grad_y_ptr + channel * out_plane
+        w, scale, bias = _affine(w_ptr, b_ptr, first_weight + k, mean, rstd)
+        return channel, w, scale, bias, x_ptr + channel * plane, grad_y_ptr + channel * out_plane
 
     @jit
-    def _window(x_plane, out, mask, width, out_w, scale, shift, RELU: tl.constexpr):
+    def _window(x_plane, out, mask, width, out_w, mean, scale, bias, RELU: tl.constexpr):
         """Pooled outputs `out` of one plane: (offset of the window's a0, position 0..3 of its
         first maximum or -1 where relu masks it, that maximum)."""
         out_row = out // out_w
         base = 2 * out_row * width + 2 * (out - out_row * out_w)
-        best = tl.fma(tl.load(x_plane + base, mask=mask, other=0.0).to(tl.float32), scale, shift)
+        best = _normalise(tl.load(x_plane + base, mask=mask, other=0.0).to(tl.float32), mean, scale, bias)
         arg = tl.zeros_like(out).to(tl.int32)
         for position in tl.static_range(1, 4):
             offset = base + (position // 2) * width + position % 2
-            a = tl.fma(tl.load(x_plane + offset, mask=mask, other=0.0).to(tl.float32), scale, shift)
+            a = _normalise(tl.load(x_plane + offset, mask=mask, other=0.0).to(tl.float32), mean, scale, bias)
             take = a > best
             best = tl.where(take, a, best)
             arg = tl.where(take, position, arg)
@@ -73,7 +77,7 @@ if triton is not None:
         return base, arg, best
 
     @jit
-    def _route(x_plane, grad_y_plane, offs, plane, width, out_h, out_w, scale, shift,
+    def _route(x_plane, grad_y_plane, offs, plane, width, out_h, out_w, mean, scale, bias,
                RELU: tl.constexpr, POOL: tl.constexpr):
         """(x, da, offs < plane) at plane offsets offs: da is grad_y at its window's first
         maximum, 0 at the window's other elements, on a dropped odd row / column and where relu
@@ -85,13 +89,13 @@ if triton is not None:
             col = offs - row * width
             inside = mask & (row < 2 * out_h) & (col < 2 * out_w)
             out = (row // 2) * out_w + col // 2
-            _, arg, _ = _window(x_plane, out, inside, width, out_w, scale, shift, RELU)
+            _, arg, _ = _window(x_plane, out, inside, width, out_w, mean, scale, bias, RELU)
             grad = tl.load(grad_y_plane + out, mask=inside, other=0.0).to(tl.float32)
             da = tl.where(inside & (arg == (row % 2) * 2 + col % 2), grad, 0.0)
         else:
             da = tl.load(grad_y_plane + offs, mask=mask, other=0.0).to(tl.float32)
             if RELU:
-                da = tl.where(tl.fma(x, scale, shift) > 0.0, da, 0.0)
+                da = tl.where(_normalise(x, mean, scale, bias) > 0.0, da, 0.0)
         return x, da, mask
 
     @jit
@@ -152,16 +156,16 @@ if triton is not None:
         for k in range(0, group_channels):
             # distinct names, not `_`: Triton's compiler (not its interpreter) rejects a loop
             # variable that changes type, and `_` is fp32 here and int64 in the pooling loop
-            _channel_index, _w, scale, shift, x_plane, y_plane = _channel(
+            _channel_index, _w, scale, bias, x_plane, y_plane = _channel(
                 x_ptr, y_ptr, w_ptr, b_ptr, group, k, group_channels, first_weight, plane, out_plane, mean, rstd)
             for start in range(0, out_plane, BLOCK):
                 out = start + lanes
                 mask = out < out_plane
                 if POOL:
-                    _a0, arg, best = _window(x_plane, out, mask, width, out_w, scale, shift, RELU)
+                    _a0, arg, best = _window(x_plane, out, mask, width, out_w, mean, scale, bias, RELU)
                     y = tl.where(arg >= 0, best, 0.0)
                 else:
-                    y = tl.fma(tl.load(x_plane + out, mask=mask, other=0.0).to(tl.float32), scale, shift)
+                    y = _normalise(tl.load(x_plane + out, mask=mask, other=0.0).to(tl.float32), mean, scale, bias)
                     if RELU:
                         y = tl.where(y < 0.0, 0.0, y)
                 y = tl.where(finite, y, float("nan"))
@@ -179,12 +183,12 @@ if triton is not None:
         sum_h = tl.zeros([BLOCK], tl.float32)
         sum_h_xhat = tl.zeros([BLOCK], tl.float32)
         for k in range(0, group_channels):
-            channel, w, scale, shift, x_plane, grad_y_plane = _channel(
+            channel, w, scale, bias, x_plane, grad_y_plane = _channel(
                 x_ptr, grad_y_ptr, w_ptr, b_ptr, group, k, group_channels, first_weight, plane, out_plane, mean, rstd)
             sum_da = tl.zeros([BLOCK], tl.float32)
             sum_da_xhat = tl.zeros([BLOCK], tl.float32)
             for start in range(0, plane, BLOCK):
-                x, da, _ = _route(x_plane, grad_y_plane, start + lanes, plane, width, out_h, out_w, scale, shift,
+                x, da, _ = _route(x_plane, grad_y_plane, start + lanes, plane, width, out_h, out_w, mean, scale, bias,
                                   RELU, POOL)
                 sum_da += da
                 sum_da_xhat += da * ((x - mean) * rstd)
@@ -196,11 +200,11 @@ if triton is not None:
         mean_h_xhat = tl.sum(sum_h_xhat, axis=0) / m
         # pass 2: grad_x = rstd (w da - mean h - xhat mean(h xhat))
         for k in range(0, group_channels):
-            channel, w, scale, shift, x_plane, grad_y_plane = _channel(
+            channel, w, scale, bias, x_plane, grad_y_plane = _channel(
                 x_ptr, grad_y_ptr, w_ptr, b_ptr, group, k, group_channels, first_weight, plane, out_plane, mean, rstd)
             for start in range(0, plane, BLOCK):
                 offs = start + lanes
-                x, da, mask = _route(x_plane, grad_y_plane, offs, plane, width, out_h, out_w, scale, shift, RELU,
+                x, da, mask = _route(x_plane, grad_y_plane, offs, plane, width, out_h, out_w, mean, scale, bias, RELU,
                                      POOL)
                 grad_x = rstd * (w * da - mean_h - (x - mean) * rstd * mean_h_xhat)
                 tl.store(grad_x_ptr + channel * plane + offs, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
@@ -222,11 +226,11 @@ if triton is not None:
         sum_h_xhat = tl.zeros([BLOCK], tl.float32)
         sum_u_h = tl.zeros([BLOCK], tl.float32)
         for k in range(0, group_channels):
-            channel, w, scale, shift, x_plane, grad_y_plane = _channel(
+            channel, w, scale, bias, x_plane, grad_y_plane = _channel(
                 x_ptr, grad_y_ptr, w_ptr, b_ptr, group, k, group_channels, first_weight, plane, out_plane, mean, rstd)
             for start in range(0, plane, BLOCK):
                 offs = start + lanes
-                x, da, mask = _route(x_plane, grad_y_plane, offs, plane, width, out_h, out_w, scale, shift, RELU,
+                x, da, mask = _route(x_plane, grad_y_plane, offs, plane, width, out_h, out_w, mean, scale, bias, RELU,
                                      POOL)
                 u = tl.load(u_ptr + channel * plane + offs, mask=mask, other=0.0).to(tl.float32)
                 xhat = (x - mean) * rstd
@@ -249,7 +253,7 @@ if triton is not None:
         sum_g = tl.zeros([BLOCK], tl.float32)
         sum_g_xhat = tl.zeros([BLOCK], tl.float32)
         for k in range(0, group_channels):
-            channel, w, scale, shift, x_plane, grad_y_plane = _channel(
+            channel, w, scale, bias, x_plane, grad_y_plane = _channel(
                 x_ptr, grad_y_ptr, w_ptr, b_ptr, group, k, group_channels, first_weight, plane, out_plane, mean, rstd)
             p = tl.load(p_ptr + first_weight + k).to(tl.float32)
             q = tl.load(q_ptr + first_weight + k).to(tl.float32)
@@ -257,7 +261,7 @@ if triton is not None:
             sum_d_weight = tl.zeros([BLOCK], tl.float32)
             for start in range(0, plane, BLOCK):
                 offs = start + lanes
-                x, da, mask = _route(x_plane, grad_y_plane, offs, plane, width, out_h, out_w, scale, shift, RELU,
+                x, da, mask = _route(x_plane, grad_y_plane, offs, plane, width, out_h, out_w, mean, scale, bias, RELU,
                                      POOL)
                 u = tl.load(u_plane + offs, mask=mask, other=0.0).to(tl.float32)
                 xhat = (x - mean) * rstd
@@ -271,7 +275,7 @@ if triton is not None:
                 out = start + lanes
                 mask = out < out_plane
                 if POOL:  # d_da at the window's first maximum
-                    base, arg, _ = _window(x_plane, out, mask, width, out_w, scale, shift, RELU)
+                    base, arg, _ = _window(x_plane, out, mask, width, out_w, mean, scale, bias, RELU)
                     live = mask & (arg >= 0)
                     arg = tl.where(live, arg, 0)
                     at = base + (arg // 2) * width + arg % 2
@@ -282,7 +286,7 @@ if triton is not None:
                     u = tl.load(u_plane + out, mask=mask, other=0.0).to(tl.float32)
                     live = mask
                     if RELU:
-                        live = live & (tl.fma(x, scale, shift) > 0.0)
+                        live = live & (_normalise(x, mean, scale, bias) > 0.0)
                 xhat = (x - mean) * rstd
                 d_da = w * rstd * (u - mean_u - xhat * mean_u_xhat) + p * xhat + q
                 tl.store(d_grad_y_plane + out, tl.where(live, d_da, 0.0).to(d_grad_y_ptr.dtype.element_ty),
@@ -292,12 +296,12 @@ if triton is not None:
         mean_g_xhat = tl.sum(sum_g_xhat, axis=0) / m
         r_term = rstd * rstd / m * phi_r
         for k in range(0, group_channels):
-            channel, w, scale, shift, x_plane, grad_y_plane = _channel(
+            channel, w, scale, bias, x_plane, grad_y_plane = _channel(
                 x_ptr, grad_y_ptr, w_ptr, b_ptr, group, k, group_channels, first_weight, plane, out_plane, mean, rstd)
             gain = g_h * w + tl.load(p_ptr + first_weight + k).to(tl.float32)
             for start in range(0, plane, BLOCK):
                 offs = start + lanes
-                x, da, mask = _route(x_plane, grad_y_plane, offs, plane, width, out_h, out_w, scale, shift, RELU,
+                x, da, mask = _route(x_plane, grad_y_plane, offs, plane, width, out_h, out_w, mean, scale, bias, RELU,
                                      POOL)
                 u = tl.load(u_ptr + channel * plane + offs, mask=mask, other=0.0).to(tl.float32)
                 xhat = (x - mean) * rstd

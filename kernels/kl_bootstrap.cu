@@ -1,12 +1,13 @@
 // CUDA kernels of bmssl::kl_bootstrap_rows (maths in csrc/kl_bootstrap.cpp).
 //
 //   a = student/T, b = target/T;  row_kl = sum_j softmax(b)_j (b_j - a_j) - lse(b) + lse(a)
-//   grad_student_rj = grad_row_kl_r (softmax(a)_j - softmax(b)_j) / T
+//                                        = sum_j softmax(b)_j (b'_j - a'_j) + log(sum e^{a'} / sum e^{b'})
+//   with a' = a - max a, b' = b - max b;  grad_student_rj = grad_row_kl_r (softmax(a)_j - softmax(b)_j) / T
 //
-// Forward: one warp per row. Each lane keeps online (max, sum) for a and b and the running
-// cross term sum e^{b - max_b} (b - a), rescaled when max_b grows; lanes merge by shuffles.
-// A target entry of -inf has probability 0 and is skipped (no 0 * inf). Backward: one thread
-// per element, int64 indices. No torch headers here; the binding is csrc/cuda/kl_bootstrap.cpp.
+// Forward: one warp per row, two passes over its C classes (the algorithm of the CPU and Triton
+// kernels): the row maxima, then the sums of e^{a'}, e^{b'} and e^{b'} (b' - a'), each reduced
+// across the warp by shuffles. A target entry of -inf has probability 0 and adds nothing (no
+// 0 * inf). Backward: one thread per element, int64 indices. No torch headers here; the binding is csrc/cuda/kl_bootstrap.cpp.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -37,47 +38,18 @@ __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 __device__ __forceinline__ float log_acc(float x) { return logf(x); }
 __device__ __forceinline__ double log_acc(double x) { return log(x); }
 
-// exp(m_old - m_new), with exp(-inf - -inf) taken as 0 rather than NaN.
-template <typename A> __device__ __forceinline__ A rescale(A m_old, A m_new) {
-  return isinf(m_old) && m_old < 0 ? A(0) : exp_acc(m_old - m_new);
-}
-
-// Online state of one row (or one lane's share of it).
-template <typename A> struct RowState {
-  A max_a, sum_a, max_b, sum_b, cross;
-
-  __device__ void add(A a, A b) {
-    if (!(isinf(a) && a < 0)) {
-      if (a > max_a) { sum_a = sum_a * rescale(max_a, a) + A(1); max_a = a; }
-      else { sum_a += exp_acc(a - max_a); }
-    }
-    if (!(isinf(b) && b < 0)) {
-      if (b > max_b) {
-        const A scale = rescale(max_b, b);
-        sum_b = sum_b * scale + A(1);
-        cross = cross * scale + (b - a);
-        max_b = b;
-      } else {
-        const A eb = exp_acc(b - max_b);
-        sum_b += eb;
-        if (eb > A(0)) cross += eb * (b - a);
-      }
-    }
-  }
-
-  __device__ void merge(const RowState& o) {
-    const A new_a = max(max_a, o.max_a), new_b = max(max_b, o.max_b);
-    sum_a = sum_a * rescale(max_a, new_a) + o.sum_a * rescale(o.max_a, new_a);
-    const A self_b = rescale(max_b, new_b), other_b = rescale(o.max_b, new_b);
-    sum_b = sum_b * self_b + o.sum_b * other_b;
-    cross = cross * self_b + o.cross * other_b;
-    max_a = new_a;
-    max_b = new_b;
-  }
-};
-
 template <typename T> __device__ __forceinline__ T shfl_xor(T v, int lane_mask) {
   return __shfl_xor_sync(0xffffffffu, v, lane_mask);
+}
+
+template <typename A> __device__ __forceinline__ A warp_max(A v) {
+  for (int mask = 16; mask > 0; mask >>= 1) v = max(v, shfl_xor(v, mask));
+  return v;
+}
+
+template <typename A> __device__ __forceinline__ A warp_sum(A v) {
+  for (int mask = 16; mask > 0; mask >>= 1) v += shfl_xor(v, mask);
+  return v;
 }
 
 constexpr int kRowsPerBlock = 4;  // one warp per row, four warps per block
@@ -91,23 +63,34 @@ __global__ void forward_kernel(const scalar_t* __restrict__ student,
   using A = typename Acc<scalar_t>::type;
   const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.y;
   if (row >= rows) return;  // whole warp leaves together
-  const A neg_inf = -INFINITY;
-  RowState<A> state{neg_inf, A(0), neg_inf, A(0), A(0)};
   const scalar_t* s = student + row * classes;
   const scalar_t* t = target + row * classes;
-  for (int64_t j = threadIdx.x; j < classes; j += 32) state.add(to_acc(s[j]) * inv_t, to_acc(t[j]) * inv_t);
-  for (int mask = 16; mask > 0; mask >>= 1) {
-    RowState<A> other{shfl_xor(state.max_a, mask), shfl_xor(state.sum_a, mask),
-                      shfl_xor(state.max_b, mask), shfl_xor(state.sum_b, mask),
-                      shfl_xor(state.cross, mask)};
-    state.merge(other);
+  // pass 1: the row maxima of a and b
+  A max_a = -INFINITY, max_b = -INFINITY;
+  for (int64_t j = threadIdx.x; j < classes; j += 32) {
+    max_a = max(max_a, to_acc(s[j]) * inv_t);
+    max_b = max(max_b, to_acc(t[j]) * inv_t);
   }
+  max_a = warp_max(max_a);
+  max_b = warp_max(max_b);
+  // pass 2: with a' = a - max_a, b' = b - max_b, the sums of e^{a'}, e^{b'} and cross =
+  // sum e^{b'} (b' - a'): the shifts cancel inside each term, so neither large logits nor a
+  // student that is the target plus a constant cost accuracy (csrc/cpu/kl_bootstrap.cpp)
+  A sum_a = 0, sum_b = 0, cross = 0;
+  for (int64_t j = threadIdx.x; j < classes; j += 32) {
+    const A a = to_acc(s[j]) * inv_t - max_a, b = to_acc(t[j]) * inv_t - max_b;
+    sum_a += exp_acc(a);
+    const A eb = exp_acc(b);
+    sum_b += eb;
+    if (eb > A(0)) cross += eb * (b - a);
+  }
+  sum_a = warp_sum(sum_a);
+  sum_b = warp_sum(sum_b);
+  cross = warp_sum(cross);
   if (threadIdx.x == 0) {
-    const A lse_a = state.max_a + log_acc(state.sum_a);
-    const A lse_b = state.max_b + log_acc(state.sum_b);
-    row_kl[row] = state.cross / state.sum_b - lse_b + lse_a;
-    row_lse[2 * row] = lse_a;
-    row_lse[2 * row + 1] = lse_b;
+    row_kl[row] = cross / sum_b + log_acc(sum_a / sum_b);
+    row_lse[2 * row] = max_a + log_acc(sum_a);
+    row_lse[2 * row + 1] = max_b + log_acc(sum_b);
   }
 }
 

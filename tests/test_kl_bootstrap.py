@@ -302,3 +302,23 @@ def test_gpu_opcheck_and_zero_probability():
     (grad,) = torch.autograd.grad(loss, student)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     compare("cuda", student, target, 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_gpu_value_near_the_target_has_no_cancellation_and_bad_target_rows_are_nan(backend, offset):
+    """The CPU tests above, on the GPU kernels: the CUDA forward once kept online (max, sum)
+    state and formed E_q[b - a] - lse(b) + lse(a), which cancelled O(offset) terms."""
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randn(64, 200, dtype=torch.float64, generator=generator) * 3 + offset
+    student = target + 1e-3 * torch.randn(64, 200, dtype=torch.float64, generator=generator) + 5.0
+    exact = bmssl.kl_bootstrap(student, target, 1.0, reduction="none", backend="torch")
+    twin = bmssl.kl_bootstrap(student.float(), target.float(), 1.0, reduction="none", backend="torch").double()
+    got = bmssl.kl_bootstrap(student.float().cuda(), target.float().cuda(), 1.0, reduction="none",
+                             backend=backend).double().cpu()
+    assert (got - exact).abs().max() <= max(4 * (twin - exact).abs().max(), 2e-6)
+    target = torch.randn(4, 40, device="cuda")
+    target[0, 3], target[1, 5], target[2] = float("nan"), float("inf"), float("-inf")
+    rows = bmssl.kl_bootstrap(torch.randn(4, 40, device="cuda"), target, 1.0, reduction="none", backend=backend)
+    assert torch.isnan(rows[:3]).all() and torch.isfinite(rows[3])

@@ -1,7 +1,7 @@
 // CPU kernel of bmssl::kl_bootstrap_rows and its backward (maths in csrc/kl_bootstrap.cpp).
 //
 // student, target: [R, C] contiguous, fp16/bf16/fp32/fp64. Rows run in parallel
-// (at::parallel_for, torch's OpenMP pool); each row is three short passes over C values,
+// (at::parallel_for, torch's OpenMP pool); the forward makes two passes over a row's C values,
 // accumulated in fp32 (fp64 for fp64 input).
 //   row_kl  [R]    accumulation dtype
 //   row_lse [R, 2] accumulation dtype: lse(student/T), lse(target/T)

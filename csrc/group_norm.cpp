@@ -5,7 +5,8 @@
 //   C/G channels; a group S = (t, n, g) holds m = C/G * H * W values.
 //   mean = mean_S x, rstd = (var_S x + eps)^-1/2 (biased var), xhat = (x - mean) rstd
 //   a = weight_c xhat + bias_c,  y = pool(act(a))   act = relu or identity, pool = 2x2 stride-2
-//   max (floor, first maximum wins) or identity.  stats [T, N, G, 2] = (mean, rstd).
+//   max (floor, first maximum wins) or identity.  stats [T, N, G, 2] = (mean, rstd), fp32 (fp64
+//   for fp64 x).
 //
 // Backward, given grad_y: da = grad_y routed to each window's argmax, times [a > 0] for relu
 // (the pool and the mask are piecewise constant). With h = weight_c da and means over S:

@@ -206,6 +206,70 @@ def test_non_finite_input_gives_nan_not_a_finite_value(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_an_inf_gradient_at_an_output_relu_zeroed_leaves_no_nan(backend):
+    """d sqrt(y)/dy is Inf where relu made y = 0: those outputs depend on nothing, so grad_x and
+    the double backward stay finite, as the twin's are (the CPU pooled routing once stored
+    0 * Inf = NaN over such a window, and the double backward spread it over the group)."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 2, 4, 4, generator=generator, dtype=torch.float64).to(torch.float32 if backend == "triton"
+                                                                             else torch.float64)
+    weight, bias = torch.ones(2, dtype=x.dtype), torch.full((2,), -0.5, dtype=x.dtype)
+    x.requires_grad_(), weight.requires_grad_()
+    y = bmssl.ops.group_norm(x, weight, bias, 1, relu=True, pool=True, backend=backend)
+    assert (y == 0).any() and (y > 0).any()
+    grad_y = torch.where(y.detach() == 0, float("inf"), 1.0)
+    grad_x, grad_w = torch.autograd.grad(y, (x, weight), grad_y, create_graph=True)
+    hvp_x, hvp_w = torch.autograd.grad((grad_x * torch.randn(grad_x.shape, generator=generator, dtype=x.dtype)).sum()
+                                       + grad_w.sum(), (x, weight))
+    for t in (grad_x, grad_w, hvp_x, hvp_w):
+        assert t.isfinite().all()
+
+
+@pytest.mark.parametrize("side", [1024])
+def test_a_large_plane_keeps_fp32_accuracy(side):
+    """One fp32 sum per plane lost accuracy in proportion to its size: at 1024x1024 the CPU
+    kernel's y was off by 1.8e-5 (torch's fp32 GroupNorm: 6e-7); now by chunks of 512 in fp32,
+    added in fp64."""
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 1, side, side, generator=generator, dtype=torch.float64) + 1.0
+    one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    exact = reference.group_norm(x, one, zero, 1)
+    twin = reference.group_norm(x.float(), one.float(), zero.float(), 1).double()
+    got = bmssl.ops.group_norm(x.float(), one.float(), zero.float(), 1, backend="cpu").double()
+    assert (got - exact).abs().max() <= max(3 * (twin - exact).abs().max(), 2e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy
+def test_a_mean_that_overflows_fp32_sums_is_still_found(backend):
+    """Finite fp32 x near fp32's max (+-2e38): the sums of x - x_0 overflow, and so did the
+    plain sum of x taken instead. Summing x / m keeps the mean finite; the output equals the
+    fp64 twin's, where torch's fp32 GroupNorm gives NaN."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.cat([torch.full((8,), 2e38), torch.full((8,), -2e38)]).double()
+    x = (x + torch.randn(16, generator=generator, dtype=torch.float64) * 1e37).reshape(1, 1, 4, 4)
+    one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    exact = reference.group_norm(x, one, zero, 1)
+    got = bmssl.ops.group_norm(x.float(), one.float(), zero.float(), 1, backend=backend)
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton_on_cpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_half_precision_groups_far_from_zero_keep_their_accuracy(dtype):
+    """A group whose mean (100) is large beside its spread (1): stats rounded to x's dtype put
+    the mean off by up to half an ulp (0.25 in bf16 at 100), far past the tolerances (bf16
+    error 0.39 where the twin's is 0.008); the stats are fp32 now."""
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 4, 6, 6, generator=generator, dtype=torch.float64) + 100.0).to(dtype)
+    weight = torch.randn(4, generator=generator, dtype=torch.float64).to(dtype)
+    bias = torch.randn(4, generator=generator, dtype=torch.float64).to(dtype)
+    compare(x, weight, bias, 2, False, False, generator, backend="triton")
+    _, stats = torch.ops.bmssl.group_norm_forward_triton(x[None], weight[None], bias[None], 2, 1e-5, False, False)
+    assert stats.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("eps", [1e-5, 1e-10])
 def test_a_constant_group_normalises_to_exactly_zero(backend, eps):
     """A constant group has mean = its value and variance 0: x̂ = 0 exactly, and y = (x - mean)·scale
@@ -392,3 +456,14 @@ def test_gpu_triton_normalises_a_constant_group_to_exactly_zero(eps):
     weight[:2], bias[:2] = 1.0, 0.0
     y = bmssl.ops.group_norm(x, weight, bias, 2, eps=eps, backend="triton")
     assert torch.equal(y[1, :2], torch.zeros(2, 28, 28, device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_triton_half_precision_groups_far_from_zero(dtype):
+    """fp32 stats on the GPU too: groups with mean 100 and spread 1, Conv4-sized."""
+    generator = torch.Generator().manual_seed(13)
+    x, weight, bias = inputs(4, 32, 42, 42, torch.float64, generator)
+    x, weight, bias = ((x + 100.0).to(dtype).cuda(), weight.to(dtype).cuda(), bias.to(dtype).cuda())
+    for relu, pool in FLAGS:
+        compare(x, weight, bias, 8, relu, pool, generator, backend="triton")

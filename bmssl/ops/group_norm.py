@@ -36,7 +36,13 @@ OPS = {}  # backend -> (forward, backward, double_backward)
 def _fake_forward(x, weight, bias, groups, eps, relu, pool):
     tasks, batch, channels, height, width = x.shape
     out = (height // 2, width // 2) if pool else (height, width)
-    return x.new_empty(tasks, batch, channels, *out), x.new_empty(tasks, batch, groups, 2)
+    return x.new_empty(tasks, batch, channels, *out), x.new_empty(tasks, batch, groups, 2, dtype=stats_dtype(x.dtype))
+
+
+def stats_dtype(dtype):
+    """The (mean, rstd) statistics' dtype: fp64 for fp64 x, else fp32 (half-precision stats lose
+    the normalisation of a group whose mean is large beside its spread)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _fake_backward(grad_y, x, weight, bias, stats, groups, relu, pool):

@@ -13,7 +13,9 @@ as the forward finds it (relu masks a window whose max a <= 0), and every kernel
 a = fma(x - mean, scale, b) from the stats as stored, so masks and argmaxes agree. Per-channel sums
 over n (grad_weight, grad_bias, d weight) are [T, N, C] fp32 partials summed in torch afterwards:
 no atomics. x [T, N, C, H, W] contiguous, weight / bias [T, C], stats [T, N, G, 2] (mean, rstd)
-in x's dtype (fp32, fp16, bf16); all maths in fp32. Group bases are int64 offsets.
+in fp32 whatever x's dtype (fp32, fp16, bf16: a half-precision mean would be off by up to
+half an ulp of the mean, 4 in bf16 near 1000, wrong far past the tolerances for a group whose
+mean is large beside its spread); all maths in fp32. Group bases are int64 offsets.
 """
 import torch
 
@@ -106,7 +108,8 @@ if triton is not None:
         x_group = x_ptr + group * m
         lanes = tl.arange(0, BLOCK).to(tl.int64)
         # mean = x_0 + sum (x - x_0) / m: deviations from the group's first value keep a constant
-        # group exact and an offset one accurate (csrc/cpu/group_norm.cpp); overflowing ones sum plainly
+        # group exact and an offset one accurate (csrc/cpu/group_norm.cpp); if they overflow, the
+        # plain sum of x / m, whose terms and partial sums stay finite
         origin = tl.load(x_group).to(tl.float32)
         total = tl.zeros([BLOCK], tl.float32)
         for start in range(0, m, BLOCK):
@@ -115,10 +118,11 @@ if triton is not None:
         deviations = tl.sum(total, axis=0)
         mean = origin + deviations / m
         if (tl.abs(deviations) == float("inf")) & (tl.abs(origin) < float("inf")):
+            inv_m = 1.0 / m
             total = tl.zeros([BLOCK], tl.float32)
             for start in range(0, m, BLOCK):
-                total += tl.load(x_group + start + lanes, mask=start + lanes < m, other=0.0).to(tl.float32)
-            mean = tl.sum(total, axis=0) / m
+                total += tl.load(x_group + start + lanes, mask=start + lanes < m, other=0.0).to(tl.float32) * inv_m
+            mean = tl.sum(total, axis=0)
         squares = tl.zeros([BLOCK], tl.float32)
         for start in range(0, m, BLOCK):
             mask = start + lanes < m
@@ -143,7 +147,7 @@ if triton is not None:
                 ratio = tl.where(mask, centred / a, 0.0)
                 scaled += ratio * ratio
             rstd = 1.0 / (a * tl.sqrt_rn(tl.sum(scaled, axis=0) / m + eps / (a * a)))
-        # the stats as stored (x's dtype) are what the backward kernels read: use them here too
+        # the stats as stored are what the backward kernels read: use them here too
         mean_stored = mean.to(stats_ptr.dtype.element_ty)
         rstd_stored = rstd.to(stats_ptr.dtype.element_ty)
         tl.store(stats_ptr + 2 * group, mean_stored)
@@ -326,11 +330,11 @@ def _summed_over_batch(partials, dtype):
 
 
 def forward(x, weight, bias, groups, eps, relu, pool):
-    """(y [T, N, C, H', W'], stats [T, N, G, 2]) in x's dtype."""
+    """(y [T, N, C, H', W'] in x's dtype, stats [T, N, G, 2] in fp32)."""
     x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
     grid, sizes = _sizes(x, groups, pool)
     y = x.new_empty(*x.shape[:3], sizes[-2], sizes[-1])
-    stats = x.new_empty(x.shape[0], x.shape[1], groups, 2)
+    stats = x.new_empty(x.shape[0], x.shape[1], groups, 2, dtype=torch.float32)
     if x.numel():
         _forward_kernel[grid](x, weight, bias, y, stats, *sizes, eps, RELU=relu, POOL=pool, BLOCK=_block(x))
     return y, stats
@@ -340,7 +344,7 @@ def backward(grad_y, x, weight, bias, stats, groups, relu, pool):
     """(grad_x, grad_weight [T, C], grad_bias [T, C]) in x's dtype."""
     dtype = x.dtype
     x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
-    grad_y, stats = grad_y.to(dtype).contiguous(), stats.to(dtype).contiguous()
+    grad_y, stats = grad_y.to(dtype).contiguous(), stats.to(torch.float32).contiguous()
     grid, sizes = _sizes(x, groups, pool)
     grad_x = torch.empty_like(x)
     w_partials = x.new_zeros(*x.shape[:3], dtype=torch.float32)
@@ -356,8 +360,8 @@ def double_backward(gg_x, gg_weight, gg_bias, grad_y, x, weight, bias, stats, gr
     gg_bias) arriving at the backward's outputs."""
     dtype = x.dtype
     x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
-    gg_x, gg_weight, gg_bias, grad_y, stats = (t.to(dtype).contiguous()
-                                               for t in (gg_x, gg_weight, gg_bias, grad_y, stats))
+    gg_x, gg_weight, gg_bias, grad_y = (t.to(dtype).contiguous() for t in (gg_x, gg_weight, gg_bias, grad_y))
+    stats = stats.to(torch.float32).contiguous()
     grid, sizes = _sizes(x, groups, pool)
     d_grad_y, d_x = torch.empty_like(grad_y), torch.empty_like(x)
     w_partials = x.new_zeros(*x.shape[:3], dtype=torch.float32)

@@ -112,13 +112,22 @@ BMSSL_INLINE T at_arg(int arg, T v0, T v1, T v2, T v3) {
   return T(arg == 0) * v0 + T(arg == 1) * v1 + T(arg == 2) * v2 + T(arg == 3) * v3;
 }
 
-// Sums over one plane in T (vectorised), returned in fp64; planes are summed in fp64.
+// Sums of at most kSumChunk terms are formed in T (vectorised) and added in fp64: one T sum over
+// a whole plane lost accuracy in proportion to its size (fp32 rstd off by 3e-6 relative at
+// 1024x1024 planes, 2e-4 at 4096x4096, enough to flip relu masks and pooling argmaxes).
+constexpr int64_t kSumChunk = 512;
+
 template <typename T, typename F>
 BMSSL_INLINE double plane_sum(int64_t plane, F&& term) {
-  T sum = 0;
+  double total = 0;
+  for (int64_t start = 0; start < plane; start += kSumChunk) {
+    const int64_t stop = std::min(plane, start + kSumChunk);
+    T sum = 0;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < plane; ++i) sum += term(i);
-  return double(sum);
+    for (int64_t i = start; i < stop; ++i) sum += term(i);
+    total += double(sum);
+  }
+  return total;
 }
 
 // Writes the routed gradient da of one plane (grad_y at each window's argmax, 0 elsewhere and
@@ -127,15 +136,19 @@ BMSSL_INLINE double plane_sum(int64_t plane, F&& term) {
 // (as the forward) and the window's four da values, stored interleaved. The stores multiply
 // by the 0/1 masks: a select of the loaded grad_y is not if-converted (GCC: "control flow in
 // loop"), and the scalar loop, mispredicting on random argmaxes, cost 4x the rest of the
-// backward. A NaN in grad_y then spreads over its window, which changes nothing: the group
-// sums carry it to every element of the group in any case.
+// backward. The masks multiply grad_y after relu's mask is applied (ge): an Inf or NaN gradient
+// at an output that relu zeroed (sqrt or log downstream give one there) is not a gradient of
+// anything and must leave no NaN (0 * Inf) behind. In an unmasked window a NaN or Inf grad_y
+// spreads over the window, which changes nothing: the group sums carry it to every element of
+// the group in any case. Each row pair's sums are formed in T and added in fp64 (plane_sum).
 template <typename T>
 BMSSL_INLINE void route_pooled(const Layout& l, const T* x, const T* u, const T* grad_y, Affine<T> affine, T mean,
                                T rstd, T* da, double sums[3]) {
   const int64_t width = l.width, out_w = l.out_width();
   const bool relu = l.relu;
-  T sd = 0, sdx = 0, sdu = 0;
+  double total_d = 0, total_dx = 0, total_du = 0;
   for (int64_t oi = 0; oi < l.out_height(); ++oi) {
+    T sd = 0, sdx = 0, sdu = 0;
     const T* x0 = x + 2 * oi * width;
     const T* x1 = x0 + width;
     const T* u0 = u ? u + 2 * oi * width : x0;
@@ -151,24 +164,25 @@ BMSSL_INLINE void route_pooled(const Layout& l, const T* x, const T* u, const T*
       const T x_arg = at_arg(arg, x0[j], x0[j + 1], x1[j], x1[j + 1]);
       const T u_arg = at_arg(arg, u0[j], u0[j + 1], u1[j], u1[j + 1]);
       const T gv = g[oj];
-      d0[j] = T(arg == 0) * gv;
-      d0[j + 1] = T(arg == 1) * gv;
-      d1[j] = T(arg == 2) * gv;
-      d1[j + 1] = T(arg == 3) * gv;
       const T ge = arg >= 0 ? gv : T(0);
+      d0[j] = T(arg == 0) * ge;
+      d0[j + 1] = T(arg == 1) * ge;
+      d1[j] = T(arg == 2) * ge;
+      d1[j + 1] = T(arg == 3) * ge;
       sd += ge;
       sdx += ge * ((x_arg - mean) * rstd);
       sdu += ge * u_arg;
     }
     if (width % 2) d0[width - 1] = d1[width - 1] = T(0);
+    total_d += double(sd), total_dx += double(sdx), total_du += double(sdu);
   }
   if (l.height % 2) {
     T* last = da + (l.height - 1) * width;
     for (int64_t j = 0; j < width; ++j) last[j] = T(0);
   }
-  sums[0] = double(sd);
-  sums[1] = double(sdx);
-  sums[2] = u ? double(sdu) : 0.0;
+  sums[0] = total_d;
+  sums[1] = total_dx;
+  sums[2] = u ? total_du : 0.0;
 }
 
 // The same without pooling: da = grad_y [* (a > 0)], dense.
@@ -258,7 +272,8 @@ BMSSL_VECTOR_CLONES void forward_groups(const Layout& l, const T* x, const T* we
     const T* xg = x + group * m;
     // mean = x_0 + sum (x - x_0) / m: summing the deviations from the group's first value keeps
     // a constant group exact (y = 0, not rounding noise times 1/sqrt(eps)) and an offset group
-    // accurate; if they overflow (|x| near T's max), the plain sum.
+    // accurate; if they overflow (|x| near T's max), the plain sum of x / m, whose terms and
+    // partial sums stay below T's max.
     const T origin = xg[0];
     double deviations = 0;
     for (int64_t k = 0; k < gc; ++k) {
@@ -267,12 +282,13 @@ BMSSL_VECTOR_CLONES void forward_groups(const Layout& l, const T* x, const T* we
     }
     T mean_t = T(double(origin) + deviations / double(m));
     if (!std::isfinite(deviations) && std::isfinite(double(origin))) {
+      const T inv_m = T(1.0 / double(m));
       double sum = 0;
       for (int64_t k = 0; k < gc; ++k) {
         const T* xc = xg + k * plane;
-        sum += plane_sum<T>(plane, [&](int64_t i) { return xc[i]; });
+        sum += plane_sum<T>(plane, [&](int64_t i) { return xc[i] * inv_m; });
       }
-      mean_t = T(sum / double(m));
+      mean_t = T(sum);
     }
     double squares = 0;
     for (int64_t k = 0; k < gc; ++k) {

@@ -128,6 +128,71 @@ def test_the_backbone_conv_keeps_nn_conv2d_padding_modes_and_state_dict():
         torch.testing.assert_close(ours(x), theirs(x))
 
 
+def test_forward_mode_matches_f_conv2d():
+    """jvp, jacfwd and hessian (forward over reverse: the jvp of the backward) as F.conv2d
+    gives them; both ops once raised NotImplementedError (no jvp)."""
+    x, weight, bias = (t.requires_grad_() for t in inputs())
+    fn = lambda x, weight, bias: conv2d(x, weight, bias, stride=2, padding=1)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, weight, bias), check_forward_ad=True, check_backward_ad=False)
+    x, weight, bias = (t.detach() for t in (x, weight, bias))
+    for argnums in (0, 1, 2, (0, 1)):
+        hessians = [torch.func.hessian(lambda *a: conv(*a, padding=1).tanh().square().sum(), argnums)(x, weight, bias)
+                    for conv in (conv2d, F.conv2d)]
+        torch.testing.assert_close(hessians[0], hessians[1])
+
+
+def test_unbatched_input_matches_f_conv2d():
+    """[C, H, W], as F.conv2d takes it; the backward once asked aten for a 4-D input."""
+    x, weight, bias = inputs()
+    results = []
+    for conv in (conv2d, F.conv2d):
+        leaves = [t.clone().requires_grad_() for t in (x[0], weight, bias)]
+        outer = inner_loop_gradient(conv, *leaves, dict(padding=1))
+        results.append((conv(*leaves, padding=1), *torch.autograd.grad(outer, leaves)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+
+
+def test_inside_torch_compile_the_meta_gradient_is_f_conv2d_s():
+    """dynamo traces an autograd.Function's backward but drops its double backward: under
+    torch.compile(backend="eager") the inner gradient came back without a graph, so the
+    outer gradient silently lost its second-order term (76 off here). Inside compile the op
+    is F.conv2d."""
+    x = torch.randn(2, 3, 8, 8)
+    torch.manual_seed(0)
+    weight = torch.randn(4, 3, 3, 3, requires_grad=True)
+
+    def outer(x):
+        (grad,) = torch.autograd.grad(conv2d(x, weight, None, 1, 1).tanh().square().sum(), weight, create_graph=True)
+        return grad.sin().sum() + weight.square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.autograd.grad(torch.compile(outer, backend="eager")(x), weight)[0]
+    torch.testing.assert_close(compiled, torch.autograd.grad(outer(x), weight)[0])
+
+
+def test_autocast_casts_fp16_inputs_as_f_conv2d_does():
+    """A bf16 autocast casts every floating input but fp64 to bf16, fp16 included (fp32 only
+    was cast: fp16 x with fp32 weights failed, fp16 inputs stayed fp16)."""
+    x, weight, bias = (t.float() for t in inputs())
+    for dtypes in ((torch.float16,) * 3, (torch.float16, torch.float32, torch.float32)):
+        args = [t.to(d) for t, d in zip((x, weight, bias), dtypes)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, want = conv2d(*args, padding=1), F.conv2d(*args, padding=1)
+        assert got.dtype == want.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want)
+
+
+def test_geometry_is_read_as_f_conv2d_reads_it():
+    x, weight, bias = inputs()
+    np = pytest.importorskip("numpy")
+    torch.testing.assert_close(conv2d(x, weight, bias, stride=(2,), padding=[1], dilation=np.int64(1)),
+                               F.conv2d(x, weight, bias, stride=2, padding=1))
+    with pytest.raises(ValueError, match="groups must be an int"):
+        conv2d(x, weight, bias, groups=2.0)
+    with pytest.raises(ValueError, match="stride must be an int or a pair of ints"):
+        conv2d(x, weight, bias, stride=True)
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("input_needs_grad", [True, False])
 def test_derivatives_match_f_conv2d_on_cuda(input_needs_grad):

@@ -19,10 +19,16 @@ runs only when asked for, and d W is convolution_backward's weight gradient. On 
 (oneDNN, one thread, 30 x 64 x 42 x 42): the swapped convolution takes 91 ms and the weight
 gradient 62 ms; the skipped first-layer d x was 50 ms per inner step at 84 x 84.
 
+Forward mode (jvp, jacfwd, hessian): every output is linear in each input, so the tangent of
+y is conv(tx, W) + conv(x, tW) + tb, and those of (gI, gW, gb) are the same maps applied to
+each input's tangent in turn (the jvp methods below).
+
 Every term is a differentiable aten op, so a third derivative works too. backend="torch" (or
 BMSSL_BACKEND=torch) takes F.conv2d itself, the twin; every other choice takes this
 arrangement, on any device, since it calls only aten convolutions.
 """
+import operator
+
 import torch
 import torch.nn.functional as F
 
@@ -30,6 +36,20 @@ from bmssl import backends
 from bmssl.ops._autocast import autocast_enabled
 
 _convolution_backward = torch.ops.aten.convolution_backward.default
+
+
+class Geometry:
+    """(stride, padding, dilation, groups) of one convolution, unpacked as that tuple. One
+    opaque argument, not a pytree of lists: torch.func's jvp rule for an autograd.Function
+    matches tangents to the inputs' pytree leaves, and lists of ints there threw it off."""
+
+    __slots__ = ("stride", "padding", "dilation", "groups")
+
+    def __init__(self, stride, padding, dilation, groups):
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+
+    def __iter__(self):
+        return iter((self.stride, self.padding, self.dilation, self.groups))
 
 
 def _backward(grad_out, x, weight, geometry, mask, bias_channels=None):
@@ -54,8 +74,21 @@ class Conv2d(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, weight, bias, geometry = inputs
         ctx.save_for_backward(x, weight)
+        ctx.save_for_forward(x, weight)
         ctx.geometry = geometry
         ctx.has_bias = bias is not None
+
+    @staticmethod
+    def jvp(ctx, tangent_x, tangent_weight, tangent_bias, _tangent_geometry):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.geometry
+        terms = []
+        if tangent_x is not None:
+            terms.append(F.conv2d(tangent_x, weight, None, stride, padding, dilation, groups))
+        if tangent_weight is not None or tangent_bias is not None:
+            tangent_weight = torch.zeros_like(weight) if tangent_weight is None else tangent_weight
+            terms.append(F.conv2d(x, tangent_weight, tangent_bias, stride, padding, dilation, groups))
+        return sum(terms[1:], terms[0])
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -81,7 +114,27 @@ class Conv2dBackward(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         grad_out, x, weight, geometry = inputs[:4]
         ctx.save_for_backward(grad_out, x, weight)
+        ctx.save_for_forward(grad_out, x, weight)
         ctx.geometry = geometry
+        ctx.mask = tuple(inputs[4:])
+
+    @staticmethod
+    def jvp(ctx, tangent_grad_out, tangent_x, tangent_weight, *_tangent_flags):
+        """(gI, gW, gb)' = the backward of tangent_grad_out, plus gI's term in tangent_weight
+        and gW's in tangent_x (gI is linear in W, gW in x)."""
+        grad_out, x, weight = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.mask
+        zeros = [None if not need else torch.zeros_like(like)
+                 for need, like in ((need_x, x), (need_weight, weight), (need_bias, weight[:, 0, 0, 0]))]
+        tangents = list(zeros)
+        if tangent_grad_out is not None:
+            bias_channels = [weight.shape[0]] if need_bias else None
+            tangents = list(_backward(tangent_grad_out, x, weight, ctx.geometry, ctx.mask, bias_channels))
+        if need_x and tangent_weight is not None:
+            tangents[0] = tangents[0] + _backward(grad_out, x, tangent_weight, ctx.geometry, (True, False, False))[0]
+        if need_weight and tangent_x is not None:
+            tangents[1] = tangents[1] + _backward(grad_out, tangent_x, weight, ctx.geometry, (False, True, False))[1]
+        return tuple(tangents)
 
     @staticmethod
     def backward(ctx, gg_x, gg_weight, gg_bias):
@@ -105,18 +158,33 @@ class Conv2dBackward(torch.autograd.Function):
         return d_grad_out, d_x, d_weight, None, None, None, None
 
 
+def _index(value, name, given, what="an int or a pair of ints"):
+    """value as a Python int (numpy integers too), refusing bools, floats and the rest."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise ValueError(f"conv2d: {name} must be {what}, got {given!r}")
+
+
 def _pair(value, name):
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
-        raise ValueError(f"conv2d: {name} must be an int or a pair of ints, got {value!r}")
-    return list(pair)
+    """[h, w] from an int or a sequence of one or two ints, as F.conv2d takes them."""
+    if isinstance(value, (list, tuple)):
+        if len(value) not in (1, 2):
+            raise ValueError(f"conv2d: {name} must be an int or a pair of ints, got {value!r}")
+        pair = [_index(v, name, value) for v in value]
+        return pair * 2 if len(pair) == 1 else pair
+    return [_index(value, name, value)] * 2
 
 
 def _autocast_inputs(device, tensors):
     """autocast's convolution policy, applied before the autograd.Function (whose backward runs
-    outside autocast): fp32 inputs cast to autocast's dtype, fp64 and others left alone."""
+    outside autocast): floating inputs cast to autocast's dtype (fp16 under a bf16 autocast
+    too), fp64 left alone."""
     dtype = torch.get_autocast_dtype(device.type)
-    return [t.to(dtype) if t is not None and t.dtype == torch.float32 else t for t in tensors]
+    return [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+            for t in tensors]
 
 
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, backend=None):
@@ -124,10 +192,16 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, back
     of the module docstring; the same value and first derivative. x [N, C, H, W] (vmap adds
     task dims). String padding ("same", "valid") takes F.conv2d. backend: "torch" takes
     F.conv2d itself; any other backend (or "auto") this op. Under torch.autocast the inputs are
-    cast as autocast casts F.conv2d's."""
-    if backends.requested(backend) == "torch" or isinstance(padding, str):
+    cast as autocast casts F.conv2d's. An unbatched x [C, H, W] works as in F.conv2d. Inside
+    torch.compile this is F.conv2d: dynamo traces an autograd.Function's forward and backward
+    but drops its double backward, and with backend="eager" a meta-gradient through it came out
+    silently wrong."""
+    if backends.requested(backend) == "torch" or isinstance(padding, str) or torch.compiler.is_compiling():
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    geometry = (_pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"), int(groups))
+    geometry = Geometry(_pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation"),
+                        _index(groups, "groups", groups, "an int"))
+    if isinstance(x, torch.Tensor) and x.dim() == 3:  # unbatched, as F.conv2d takes it
+        return conv2d(x.unsqueeze(0), weight, bias, stride, padding, dilation, groups, backend).squeeze(0)
     if isinstance(x, torch.Tensor) and autocast_enabled(x.device):
         x, weight, bias = _autocast_inputs(x.device, (x, weight, bias))
         with torch.autocast(x.device.type, enabled=False):

@@ -52,6 +52,17 @@ class CapturedMetaGradient:
         if not_cuda:
             raise ValueError(f"CapturedMetaGradient captures a CUDA graph: every tensor must be on a CUDA "
                              f"device, but {', '.join(not_cuda[:4])} {'is' if len(not_cuda) == 1 else 'are'} not")
+        devices = sorted({str(t.device) for t in tensors.values()})
+        if len(devices) > 1:
+            raise ValueError(f"CapturedMetaGradient: every tensor must be on one CUDA device, got {devices}")
+        # the capture, its side stream and every launch in it on the tensors' device, whichever
+        # device is current (on torchrun's rank r, cuda:r: torch.cuda.graph and Stream() take the
+        # current device, and a graph captured on another device's stream would hold nothing)
+        self.device = next(iter(tensors.values())).device
+        with torch.cuda.device(self.device):
+            self._capture(model, theta, batch, config, batched, warmup_steps)
+
+    def _capture(self, model, theta, batch, config, batched, warmup_steps):
         if config.checkpoint_inner_steps:
             raise ValueError("CapturedMetaGradient: checkpoint_inner_steps recomputes inside the backward; "
                              "capture the step without it")
@@ -64,17 +75,21 @@ class CapturedMetaGradient:
         def step():
             return meta_gradient_tensors(model, self._theta, self._batch, config, batched, shape=self.shape)
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(warmup_steps):
                 step()
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream(self.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(self.device)):
             self._grads, self._loss, self._aux = step()
 
     def __call__(self, theta, batch):
+        with torch.cuda.device(self.device):
+            return self._replay(theta, batch)
+
+    def _replay(self, theta, batch):
         if theta.keys() != self._theta.keys():
             raise ValueError(f"θ has parameters {sorted(theta)}, the captured step {sorted(self._theta)}")
         for name, value in theta.items():

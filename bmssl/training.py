@@ -562,6 +562,10 @@ class Run:
         self.config, self.run_dir, self.world = config, Path(run_dir), world
         self.data = resolve_data(config, show_progress=show_data_progress and world.is_main)
         self.device = resolve_device(config.device, world.local_rank)
+        if self.device.type == "cuda":
+            # the current device is the run's: streams, Triton launches and graph captures that
+            # take the current device (torchrun's rank r runs on cuda:r) then land on it
+            torch.cuda.set_device(self.device)
         if config.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"{flag('cuda_graph')} captures CUDA graphs: it needs a CUDA device, and this run "
                              f"is on {self.device}")

@@ -182,3 +182,55 @@ def test_raw_op_is_differentiable(backend):
         torch.testing.assert_close(d_params[k], 2 * out * w)  # d loss / d params = 2 out w
         torch.testing.assert_close(d_params[len(params) + k], -0.3 * 2 * out * w)
         torch.testing.assert_close(second[k], -0.3 * 2 * w)  # d/d grads of sum(2 out w)
+
+
+# ---- on a GPU ----------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_matches_the_exact_step(backend, dtype):
+    """Empty, one-element, odd, strided and transposed tensors, one of 2^20 + 3 elements, and
+    more than 64 tensors (the CUDA kernel's table holds 64 per launch)."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernel takes fp16 / bf16 / fp32")
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(0,), (1,), (3, 4), (257,), (0, 5), ((1 << 20) + 3,)] + [(i % 7 + 1, 33) for i in range(70)]
+    params = [torch.randn(s, generator=generator).to(dtype).cuda() for s in shapes]
+    grads = [torch.randn(s, generator=generator).to(dtype).cuda() for s in shapes]
+    params[2] = torch.randn(4, 3, generator=generator).to(dtype).cuda().t()
+    grads[3] = torch.randn(2 * 257, generator=generator).to(dtype).cuda()[::2]
+    outs = bmssl.ops.sgd_unroll_step(params, grads, 0.3, backend=backend)
+    atol, rtol = STEP_TOLERANCE[dtype]
+    for k, (out, p, g) in enumerate(zip(outs, params, grads)):
+        assert out.shape == p.shape and out.dtype == dtype, k
+        torch.testing.assert_close(out, (p.double() - 0.3 * g.double()).to(dtype), atol=atol, rtol=rtol, msg=str(k))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_capture_replays_the_step_on_new_values(backend):
+    params = [torch.randn(1000, device="cuda") for _ in range(3)]
+    grads = [torch.randn(1000, device="cuda") for _ in range(3)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        bmssl.ops.sgd_unroll_step(params, grads, 0.1, backend=backend)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = bmssl.ops.sgd_unroll_step(params, grads, 0.1, backend=backend)
+    for t in params + grads:
+        t.copy_(torch.randn_like(t))
+    graph.replay()
+    for out, p, g in zip(outs, params, grads):
+        torch.testing.assert_close(out, p - 0.1 * g)
+
+
+@pytest.mark.gpu
+def test_gpu_triton_takes_a_tensor_past_65535_blocks():
+    """The blocks of a tensor run on grid axis 0: on axis 1 (capped at 65535) a tensor of more
+    than 67M elements could not launch."""
+    params, grads = [torch.ones(65536 * 1024 + 5, device="cuda")], [torch.ones(65536 * 1024 + 5, device="cuda")]
+    (out,) = bmssl.ops.sgd_unroll_step(params, grads, 0.25, backend="triton")
+    assert bool((out == 0.75).all())

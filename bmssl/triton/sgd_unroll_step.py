@@ -1,7 +1,9 @@
 """Triton kernel of bmssl::sgd_unroll_step: out_k = params_k - lr * grads_k, every k in one launch.
 
-The tensors' addresses go in int64 tables; program (k, b) casts entry k to a pointer and
-updates block b of tensor k. All tensors share one dtype; fp16/bf16 compute in fp32.
+The tensors' addresses go in int64 tables; program (b, k) casts entry k to a pointer and
+updates block b of tensor k (blocks on grid axis 0, which allows 2^31 - 1 of them; axis 1 stops
+at 65535, 67M elements of 1024). The tables and sizes travel in one pinned host buffer, copied
+without blocking the host. All tensors share one dtype; fp16/bf16 compute in fp32.
 While a CUDA graph is being captured the tables cannot be built (they are copied from host
 memory, which a capture forbids), and launches cost nothing on replay: then each tensor gets
 its own launch of the one-tensor kernel.
@@ -16,10 +18,10 @@ if triton is not None:
     @jit
     def _sgd_kernel(param_table, grad_table, out_table, numels, lr, BLOCK: tl.constexpr,
                     DTYPE: tl.constexpr):
-        k = tl.program_id(0)
+        k = tl.program_id(1)
         n = tl.load(numels + k)
-        offsets = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        if tl.program_id(1).to(tl.int64) * BLOCK < n:
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        if tl.program_id(0).to(tl.int64) * BLOCK < n:
             mask = offsets < n
             p = tl.load(param_table + k).to(tl.pointer_type(DTYPE))
             g = tl.load(grad_table + k).to(tl.pointer_type(DTYPE))
@@ -51,14 +53,14 @@ def sgd_unroll_step(params, grads, lr):
             _sgd_one_kernel[(max(1, triton.cdiv(p.numel(), block)),)](p, g, out, p.numel(), lr, BLOCK=block)
         return outs
 
-    def table(tensors):
-        return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
-
-    numels = torch.tensor([p.numel() for p in params], dtype=torch.int64, device=device)
+    host = torch.tensor([t.data_ptr() for t in (*params, *grads, *outs)] + [p.numel() for p in params],
+                        dtype=torch.int64)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    param_table, grad_table, out_table, numels = host.to(device, non_blocking=True).chunk(4)
     blocks = max(1, triton.cdiv(max(p.numel() for p in params), block))
     dtype = getattr(tl, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[_DTYPES[params[0].dtype]])
-    _sgd_kernel[(len(params), blocks)](table(params), table(grads), table(outs), numels, lr, BLOCK=block,
-                                       DTYPE=dtype)
+    _sgd_kernel[(blocks, len(params))](param_table, grad_table, out_table, numels, lr, BLOCK=block, DTYPE=dtype)
     return outs
 
 

@@ -35,6 +35,9 @@ class OpSupport:
     auto_cpu: tuple = ("cpu", "torch")  # the Triton interpreter is never chosen by auto
     # ((backend, reason(shape) -> str or None), ...): shapes a backend's kernels cannot take
     shape_limits: tuple = ()
+    # ((backend, reason(device, dtype) -> str or None), ...): devices a backend's kernels cannot
+    # launch on (asked only once the backend takes the dtype and the device's type)
+    device_limits: tuple = ()
     # dtypes the Triton interpreter computes wrongly for this op (its bf16 tl.dot gives wrong
     # numbers without an error): refused there rather than served
     interpreter_wrong_dtypes: tuple = ()
@@ -89,6 +92,11 @@ def input_reason(name: str, op: OpSupport, device: torch.device, dtype: torch.dt
     if name == "triton" and device.type == "cpu" and dtype in op.interpreter_wrong_dtypes:
         return (f"Triton's interpreter computes {op.name} in {dtype} wrongly (its {dtype} tl.dot gives wrong "
                 "numbers); use another dtype there, or a GPU")
+    device_limit = dict(op.device_limits).get(name)
+    if device_limit is not None:
+        reason = device_limit(device, dtype)
+        if reason:
+            return reason
     limit = dict(op.shape_limits).get(name)
     if limit is not None and shape is not None:
         return limit(tuple(shape))

@@ -334,7 +334,9 @@ __device__ void stage(E* dst, const E* src, int64_t first, int64_t batch, int64_
   }
 }
 
-// Online log-sum-exp of one thread's share of a row.
+// Online log-sum-exp of one thread's share of a row. A -inf term adds e^-inf = 0 (not
+// e^(-inf - -inf) = NaN while the max is still -inf); a NaN term makes the sum NaN, and merging
+// keeps it NaN even when every lane's max is -inf (the CPU kernel's NaN pattern).
 template <typename Tiles> struct OnlineLse {
   using A = typename Tiles::A;
   A max = -A(INFINITY), sum = A(0);
@@ -343,7 +345,7 @@ template <typename Tiles> struct OnlineLse {
     if (x > max) {
       sum = sum * Tiles::exp_acc(max - x) + A(1);
       max = x;
-    } else {
+    } else if (x != -A(INFINITY)) {
       sum += Tiles::exp_acc(x - max);
     }
   }
@@ -353,6 +355,7 @@ template <typename Tiles> struct OnlineLse {
       const A other_sum = __shfl_xor_sync(0xffffffffu, sum, lane_mask);
       const A top = other_max > max ? other_max : max;
       if (top > -A(INFINITY)) sum = sum * Tiles::exp_acc(max - top) + other_sum * Tiles::exp_acc(other_max - top);
+      else sum += other_sum;
       max = top;
     }
   }

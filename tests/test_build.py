@@ -37,6 +37,38 @@ def test_nvcc_compiles_kernel(kernel, arch, tmp_path):
     assert max(spills) == 0 and max(frames) == 0, result.stderr
 
 
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed (CUDA toolkit absent)")
+def test_the_ntxent_shared_memory_table_is_the_kernels(tmp_path):
+    """bmssl.ops.ntxent.CUDA_SHARED_BYTES (what auto checks against the GPU's per-block limit)
+    is the largest pass's Shared<...>::kBytes of kernels/ntxent.cu, per dtype."""
+    import torch
+
+    from bmssl.ops.ntxent import CUDA_SHARED_BYTES
+
+    probe = tmp_path / "probe"
+    command = [NVCC, *FLAGS["nvcc"], "-arch=sm_90", f"-I{ROOT / 'kernels'}", str(ROOT / "tests" / "cpp" /
+                                                                               "ntxent_shared_bytes.cu"), "-o", str(probe)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    printed = subprocess.run([str(probe)], capture_output=True, text=True, check=True).stdout.split("\n")
+    largest = {getattr(torch, line.split()[0]): max(int(b) for b in line.split()[1:]) for line in printed if line}
+    assert largest == CUDA_SHARED_BYTES
+
+
+def test_the_cuda_ntxent_is_refused_where_its_shared_memory_does_not_fit():
+    """sm_86 / sm_89 allow 99 KB per block: fp32 fits there, fp16 / bf16 / fp64 do not; an H100
+    or H200 (227 KB) takes every dtype."""
+    import torch
+
+    from bmssl.ops.ntxent import cuda_shared_memory_reason
+
+    assert "132608 B of shared memory" in cuda_shared_memory_reason(torch.bfloat16, 101376)
+    assert cuda_shared_memory_reason(torch.float64, 101376) is not None
+    assert cuda_shared_memory_reason(torch.float32, 101376) is None
+    assert all(cuda_shared_memory_reason(dtype, 232448) is None
+               for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+
+
 def test_kernels_dir_is_not_an_installed_package():
     import bmssl
 

@@ -322,6 +322,29 @@ def test_gpu_cuda_misaligned_rows_take_the_scalar_loads(dtype):
 
 
 @pytest.mark.gpu
+def test_gpu_cuda_takes_every_dtype_on_this_gpu_and_matches_cpu_at_infinite_and_nan_scores():
+    """auto's shared-memory check passes on an sm_80 / sm_90 GPU. Raw forward on rows whose
+    similarities reach -inf (unnormalised +-3e19: -9e38 overflows fp32) and a NaN row: the
+    statistics equal the CPU kernel's, NaN where it has NaN (the online log-sum-exp once gave
+    NaN for a -inf term while its max was -inf, and dropped a NaN when every lane's max was)."""
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        assert backends.input_reason("cuda", SUPPORT, torch.device("cuda"), dtype) is None
+    generator = torch.Generator().manual_seed(0)
+    with_infinite = torch.randn(1, 40, 8, generator=generator)
+    with_infinite[0, 0], with_infinite[0, 1] = 0.0, 0.0
+    with_infinite[0, 0, 0], with_infinite[0, 1, 0] = 3e19, -3e19  # s_01 = -9e38: -inf, the only one
+    with_nan = torch.randn(1, 40, 8, generator=generator)
+    with_nan[0, 5, 3] = float("nan")
+    labels = torch.arange(40).remainder(20)[None]
+    for u in (with_infinite, with_nan):
+        for variant in ("in", "out"):
+            want = torch.ops.bmssl.ntxent_forward(u, labels, 1.0, variant)
+            got = torch.ops.bmssl.ntxent_forward(u.cuda(), labels.cuda(), 1.0, variant)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g.cpu(), w, equal_nan=True)
+
+
+@pytest.mark.gpu
 def test_gpu_cuda_raw_op_rejects_bad_labels():
     u = F.normalize(torch.randn(1, 4, 3, device="cuda"), dim=-1)
     with pytest.raises(RuntimeError, match="labels must lie"):

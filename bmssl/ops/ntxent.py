@@ -29,12 +29,35 @@ def _triton_dim_reason(shape):
     return None
 
 
+# Dynamic shared memory per block of the CUDA kernels' largest pass, the double backward's
+# second (kernels/ntxent.cu, Shared<Tiles, E, Pass::kDoubleGrad>::kBytes; tests/test_build.py
+# compiles that expression and checks these). Tiles sized for sm_80 (163 KB per block) and
+# sm_90 (227 KB); sm_86 / sm_89 / sm_120 GPUs allow 99 KB, where fp16, bf16 and fp64 cannot launch.
+CUDA_SHARED_BYTES = {torch.float32: 87296, torch.float64: 108800, torch.float16: 132608, torch.bfloat16: 132608}
+
+
+def cuda_shared_memory_reason(dtype, bytes_per_block):
+    """Why the CUDA kernels cannot launch in `dtype` on a GPU with `bytes_per_block` of opt-in
+    shared memory per block, or None."""
+    needed = CUDA_SHARED_BYTES[dtype]
+    if bytes_per_block is not None and bytes_per_block < needed:
+        return (f"the cuda kernels of ntxent in {dtype} need {needed} B of shared memory per block; this GPU "
+                f"allows {bytes_per_block} B (they are sized for sm_80 / sm_90)")
+    return None
+
+
+def _cuda_device_reason(device, dtype):
+    properties = torch.cuda.get_device_properties(device)
+    return cuda_shared_memory_reason(dtype, getattr(properties, "shared_memory_per_block_optin", None))
+
+
 SUPPORT = backends.OpSupport(
     name="ntxent", backends=("cpu", "cuda", "triton"),
     # the Triton kernels keep fp32 statistics, so fp64 input would lose its precision there;
     # the C++ CPU and CUDA kernels accumulate fp64 input in fp64
     backend_dtypes=(("triton", (torch.float16, torch.bfloat16, torch.float32)),),
     shape_limits=(("triton", _triton_dim_reason),),  # past d = MAX_DIM auto takes the next backend
+    device_limits=(("cuda", _cuda_device_reason),),  # auto takes Triton where these kernels cannot launch
     interpreter_wrong_dtypes=(torch.bfloat16,))
 
 OPS = {}  # backend -> (forward, backward, double_backward)

@@ -306,8 +306,10 @@ def timing_sweep(args, device, rows, failed):
 def _peak_bytes(name, setup_args, device):
     if device.type == "cpu":
         return _memory(name, setup_args)["peak_bytes"]
-    # CUDA: the allocator's peak over one more outer step
-    return common.peak_cuda_bytes(provider_setup(name, setup_args, device), device)
+    # CUDA: the allocator's peak over the provider's setup and one outer step. The setup counts:
+    # (d) captures its CUDA graph there, warm-ups included, and its replays allocate nothing new
+    # from the graph's pool, so a peak over the step alone gave (d) about θ's size
+    return common.peak_cuda_bytes(lambda: provider_setup(name, setup_args, device)(), device)
 
 
 def summary(rows):

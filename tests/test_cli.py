@@ -143,10 +143,10 @@ def test_a_failing_point_is_reported_kept_apart_and_fails_the_run(tmp_path, monk
 
     original = common.time_modes
 
-    def fail_at_64(loss_fn, inputs, device, repeats=20):
+    def fail_at_64(loss_fn, inputs, device, repeats=20, **kwargs):
         if inputs[0].shape[0] == 64:
             raise RuntimeError("out of memory (simulated)")
-        return original(loss_fn, inputs, device, repeats)
+        return original(loss_fn, inputs, device, repeats, **kwargs)
 
     monkeypatch.setattr(common, "time_modes", fail_at_64)
     flags = ["--views", "2", "--providers", "torch", "--repeats", "2", "--no-memory", "--out", str(tmp_path / "nt")]
@@ -158,6 +158,44 @@ def test_a_failing_point_is_reported_kept_apart_and_fails_the_run(tmp_path, monk
     with pytest.raises(SystemExit, match="measured nothing"):
         ntxent.main(["--batches", "64", *flags])
     assert (tmp_path / "nt.json").read_text() == kept
+
+
+def test_a_mode_that_fails_keeps_the_modes_measured(tmp_path, monkeypatch, capsys):
+    """Out of memory in the backward (eager at B = 65536 on the GPU, say) loses only that point's
+    fwd+bwd and bwd: its fwd timing is written, and the run exits 1 naming the failed modes."""
+    import torch
+
+    from bmssl.bench import common, ntxent
+
+    original = ntxent.loss_fn
+
+    def forward_only(provider, temperature, variant):
+        fn = original(provider, temperature, variant)
+
+        def loss(*args):
+            if torch.is_grad_enabled():
+                raise RuntimeError("out of memory (simulated)")
+            return fn(*args)
+        return loss
+
+    monkeypatch.setattr(ntxent, "loss_fn", forward_only)
+    with pytest.raises(SystemExit, match="2 point"):
+        ntxent.main(["--batches", "32", "--views", "2", "--providers", "torch", "--repeats", "2", "--no-memory",
+                     "--out", str(tmp_path / "nt")])
+    assert "'mode': 'fwd+bwd'" in capsys.readouterr().err
+    assert {r["mode"] for r in json.loads((tmp_path / "nt.json").read_text())} == {"fwd"}
+    failures = []
+    assert set(common.time_modes(forward_only("torch", 0.1, "in"), ntxent.inputs(8, 4, 2, torch.float32,
+                                                                                   torch.device("cpu")),
+                                 torch.device("cpu"), repeats=1, failures=failures)) == {"fwd"}
+    assert [mode for mode, _ in failures] == ["fwd+bwd", "bwd"]
+
+
+def test_the_commit_comes_from_bmssl_commit_where_there_is_no_git(monkeypatch):
+    from bmssl.bench import common
+
+    monkeypatch.setenv("BMSSL_COMMIT", "abc1234-dirty")
+    assert common.commit() == "abc1234-dirty"
 
 
 def test_timing_percentiles_lie_within_the_samples(monkeypatch):

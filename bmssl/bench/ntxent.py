@@ -139,8 +139,13 @@ def run(device, batches, dims, views_list, dtypes, variant, with_compile, repeat
         params = {"B": batch, "d": dim, "M": views, "dtype": dtype_name, "variant": variant}
         z, labels = inputs(batch, dim, views, DTYPES[dtype_name], device)
         try:
-            timings = common.time_modes(loss_fn(provider, 0.1, variant), (z, labels), device, repeats)
-            if memory and device.type == "cpu":
+            mode_failures = []
+            timings = common.time_modes(loss_fn(provider, 0.1, variant), (z, labels), device, repeats,
+                                        failures=mode_failures)
+            for mode, error in mode_failures:  # the modes measured are kept
+                common.point_failed("ntxent", provider, {**params, "mode": mode}, error)
+                failures += 1
+            if memory and device.type == "cpu" and "fwd+bwd" in timings:
                 timings["fwd+bwd"]["peak_bytes"] = common.peak_cpu_bytes_in_subprocess(
                     "bmssl.bench.ntxent", [provider, batch, dim, views, dtype_name, variant])
         except Exception as error:  # out of memory, a peer's own limits: report it, keep the sweep

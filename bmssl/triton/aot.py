@@ -223,13 +223,16 @@ def cases(quick=False):
         for side in ((84, 5) if quick else (84, 42, 21, 10, 28, 14, 7, 3)):
             x = _meta(4, 25, 64, side, side, dtype=dtype)
             w, b = _meta(4, 64, dtype=dtype), _meta(4, 64, dtype=dtype)
-            stats = _meta(4, 25, 4, 2, dtype=dtype)
-            y = _meta(4, 25, 64, side // 2, side // 2, dtype=dtype)
-            what = f"{name} {side}x{side} relu+pool"
-            found += [("group_norm", f"forward {what}", group_norm.forward, (x, w, b, 4, 1e-5, True, True)),
-                      ("group_norm", f"backward {what}", group_norm.backward, (y, x, w, b, stats, 4, True, True)),
-                      ("group_norm", f"double backward {what}", group_norm.double_backward,
-                       (x, w, b, y, x, w, b, stats, 4, True, True))]
+            stats = _meta(4, 25, 4, 2, dtype=torch.float32)
+            # every (relu, pool) at the first size, relu + pool (the backbone's) at the others
+            for relu, pool in ((True, True), (False, False), (True, False), (False, True))[:4 if side == 84 else 1]:
+                y = _meta(4, 25, 64, *((side // 2, side // 2) if pool else (side, side)), dtype=dtype)
+                what = f"{name} {side}x{side} relu={relu} pool={pool}"
+                flags = (relu, pool)
+                found += [("group_norm", f"forward {what}", group_norm.forward, (x, w, b, 4, 1e-5, *flags)),
+                          ("group_norm", f"backward {what}", group_norm.backward, (y, x, w, b, stats, 4, *flags)),
+                          ("group_norm", f"double backward {what}", group_norm.double_backward,
+                           (x, w, b, y, x, w, b, stats, 4, *flags))]
     if not quick:  # fp64 rows keep fp64 accumulators in the KL kernels
         s = _meta(400, 64, dtype=torch.float64)
         found.append(("kl_bootstrap", "forward float64 C=64", kl_bootstrap.forward, (s, s, 2.0)))

@@ -8,7 +8,11 @@ One program per row walks its C classes in BLOCK chunks twice: the row maxima, t
 e^{a'}, e^{b'} and e^{b'} (b' - a') (the shifts cancel inside each term, so large logits or a
 student that is the target plus a constant lose no accuracy).
 student, target: [R, C] contiguous; row_kl [R], row_lse [R, 2] in ACC (fp32, fp64 for fp64).
-A target entry of -inf has probability 0 and adds nothing.
+A target entry of -inf has probability 0 and adds nothing. 1/T arrives as a one-element ACC
+tensor: a Python float argument is typed fp32 by the compiler (1/0.7 rounded to fp32 put fp64
+rows 2e-7 off), though the interpreter keeps it a double. The launches turn off fp contraction:
+compiled, pass 1's maxima are of rounded products x * inv_t while pass 2 and the backward fused
+x * inv_t - max into one fma, so the maximal entry's a' was a rounding error rather than 0.
 """
 import torch
 
@@ -18,9 +22,10 @@ if triton is not None:
     import triton.language as tl
 
     @jit
-    def _forward_kernel(student_ptr, target_ptr, row_kl_ptr, row_lse_ptr, classes, inv_t,
+    def _forward_kernel(student_ptr, target_ptr, row_kl_ptr, row_lse_ptr, classes, inv_t_ptr,
                         BLOCK: tl.constexpr, ACC: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
+        inv_t = tl.load(inv_t_ptr)
         base = row * classes
         # pass 1: the row maxima of a and b
         lane_max_a = tl.full([BLOCK], float("-inf"), ACC)
@@ -59,8 +64,9 @@ if triton is not None:
 
     @jit
     def _backward_kernel(grad_row_kl_ptr, student_ptr, target_ptr, row_lse_ptr, grad_ptr, classes,
-                         inv_t, BLOCK: tl.constexpr, ACC: tl.constexpr):
+                         inv_t_ptr, BLOCK: tl.constexpr, ACC: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
+        inv_t = tl.load(inv_t_ptr)
         base = row * classes
         scale = tl.load(grad_row_kl_ptr + row).to(ACC) * inv_t
         lse_a = tl.load(row_lse_ptr + 2 * row).to(ACC)
@@ -81,6 +87,11 @@ def _launch_config(student):
     return block, acc
 
 
+def _inverse(temperature, dtype, device):
+    """1/T as a one-element tensor of the accumulation dtype (see the module docstring)."""
+    return torch.full((1,), 1.0 / temperature, dtype=dtype, device=device)
+
+
 def forward(student: torch.Tensor, target: torch.Tensor, temperature: float):
     """(row_kl [R], row_lse [R, 2]) for [R, C] student and target."""
     student, target = student.contiguous(), target.contiguous()
@@ -89,8 +100,9 @@ def forward(student: torch.Tensor, target: torch.Tensor, temperature: float):
     row_kl = torch.empty(rows, dtype=acc_dtype, device=student.device)
     row_lse = torch.empty(rows, 2, dtype=acc_dtype, device=student.device)
     block, acc = _launch_config(student)
-    _forward_kernel[(rows,)](student, target, row_kl, row_lse, student.shape[1], 1.0 / temperature,
-                             BLOCK=block, ACC=acc)
+    inv_t = _inverse(temperature, acc_dtype, student.device)
+    _forward_kernel[(rows,)](student, target, row_kl, row_lse, student.shape[1], inv_t, BLOCK=block, ACC=acc,
+                             enable_fp_fusion=False)
     return row_kl, row_lse
 
 
@@ -101,7 +113,8 @@ def backward(grad_row_kl, student, target, row_lse, temperature):
     grad_row_kl = grad_row_kl.to(acc_dtype).contiguous()
     grad_student = torch.empty_like(student)
     block, acc = _launch_config(student)
+    inv_t = _inverse(temperature, acc_dtype, student.device)
     _backward_kernel[(student.shape[0],)](grad_row_kl, student, target, row_lse.contiguous(),
-                                          grad_student, student.shape[1], 1.0 / temperature,
-                                          BLOCK=block, ACC=acc)
+                                          grad_student, student.shape[1], inv_t, BLOCK=block, ACC=acc,
+                                          enable_fp_fusion=False)
     return grad_student

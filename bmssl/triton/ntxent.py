@@ -233,7 +233,10 @@ def _config(u, kernel):
     tasks, batch, dim = u.shape
     block_d = max(16, triton.next_power_of_2(dim))
     precision = "ieee" if u.dtype == torch.float32 else "tf32"  # ignored for fp16/bf16 dots
-    meta = dict(BLOCK_D=block_d, PRECISION=precision)
+    # no fp contraction: compiled, a * inv_tau - lse fused into one fma in the backward kernels
+    # while the forward rounded s = dot * inv_tau first, so p and q sat up to ulp(s) / 2 from the
+    # lse they were normalised by (the interpreter never fuses; the dots keep their own fmas)
+    meta = dict(BLOCK_D=block_d, PRECISION=precision, enable_fp_fusion=False)
     if u.device.type == "cpu":  # the interpreter: small tiles keep it quick
         block = 16
     else:

@@ -130,7 +130,7 @@ def test_the_backbone_conv_keeps_nn_conv2d_padding_modes_and_state_dict():
 
 def test_forward_mode_matches_f_conv2d():
     """jvp, jacfwd and hessian (forward over reverse: the jvp of the backward) as F.conv2d
-    gives them; both ops once raised NotImplementedError (no jvp)."""
+    gives them; this op and its backward op once raised NotImplementedError (they had no jvp)."""
     x, weight, bias = (t.requires_grad_() for t in inputs())
     fn = lambda x, weight, bias: conv2d(x, weight, bias, stride=2, padding=1)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, weight, bias), check_forward_ad=True, check_backward_ad=False)

@@ -52,10 +52,11 @@ class Geometry:
         return iter((self.stride, self.padding, self.dilation, self.groups))
 
 
-def _backward(grad_out, x, weight, geometry, mask, bias_channels=None):
+def _backward(grad_out, x, weight, geometry, mask):
     """aten convolution_backward of y = conv(x, weight) with `geometry` = (stride, padding,
     dilation, groups): (gI, gW, gb), None where `mask` says not to compute it."""
     stride, padding, dilation, groups = geometry
+    bias_channels = [weight.shape[0]] if mask[2] else None
     return _convolution_backward(grad_out, x, weight, bias_channels, stride, padding, dilation, False, [0, 0],
                                  groups, list(mask))
 
@@ -107,8 +108,7 @@ class Conv2dBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(grad_out, x, weight, geometry, need_x, need_weight, need_bias):
-        bias_channels = [weight.shape[0]] if need_bias else None
-        return _backward(grad_out, x, weight, geometry, (need_x, need_weight, need_bias), bias_channels)
+        return _backward(grad_out, x, weight, geometry, (need_x, need_weight, need_bias))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -124,12 +124,11 @@ class Conv2dBackward(torch.autograd.Function):
         and gW's in tangent_x (gI is linear in W, gW in x)."""
         grad_out, x, weight = ctx.saved_tensors
         need_x, need_weight, need_bias = ctx.mask
-        zeros = [None if not need else torch.zeros_like(like)
-                 for need, like in ((need_x, x), (need_weight, weight), (need_bias, weight[:, 0, 0, 0]))]
-        tangents = list(zeros)
         if tangent_grad_out is not None:
-            bias_channels = [weight.shape[0]] if need_bias else None
-            tangents = list(_backward(tangent_grad_out, x, weight, ctx.geometry, ctx.mask, bias_channels))
+            tangents = list(_backward(tangent_grad_out, x, weight, ctx.geometry, ctx.mask))
+        else:
+            tangents = [torch.zeros_like(like) if need else None
+                        for need, like in ((need_x, x), (need_weight, weight), (need_bias, weight[:, 0, 0, 0]))]
         if need_x and tangent_weight is not None:
             tangents[0] = tangents[0] + _backward(grad_out, x, tangent_weight, ctx.geometry, (True, False, False))[0]
         if need_weight and tangent_x is not None:

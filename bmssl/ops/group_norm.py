@@ -21,6 +21,7 @@ from bmssl.ops._autocast import autocast_enabled
 from bmssl.ops._autograd import register_no_derivative
 from bmssl.ops._fake import output_like
 from bmssl.ops._vmap import fold_vmapped_dim
+from bmssl.reference.kl_bootstrap import accumulation_dtype
 from bmssl.validate import check_group_norm
 
 # auto leaves the Triton kernels out on CUDA until they have run on a GPU (so far they have run
@@ -36,13 +37,10 @@ OPS = {}  # backend -> (forward, backward, double_backward)
 def _fake_forward(x, weight, bias, groups, eps, relu, pool):
     tasks, batch, channels, height, width = x.shape
     out = (height // 2, width // 2) if pool else (height, width)
-    return x.new_empty(tasks, batch, channels, *out), x.new_empty(tasks, batch, groups, 2, dtype=stats_dtype(x.dtype))
-
-
-def stats_dtype(dtype):
-    """The (mean, rstd) statistics' dtype: fp64 for fp64 x, else fp32 (half-precision stats lose
-    the normalisation of a group whose mean is large beside its spread)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    # the (mean, rstd) statistics: fp32 (fp64 for fp64 x); half-precision stats lose the
+    # normalisation of a group whose mean is large beside its spread
+    stats = x.new_empty(tasks, batch, groups, 2, dtype=accumulation_dtype(x.dtype))
+    return x.new_empty(tasks, batch, channels, *out), stats
 
 
 def _fake_backward(grad_y, x, weight, bias, stats, groups, relu, pool):

@@ -7,6 +7,8 @@ NTXentLoss, an autograd.Function with setup_context and a vmap rule (a vmapped d
 the task dim T), so grad, grad-of-grad, torch.func and torch.compile all work. Twice
 differentiable; a third derivative is not implemented.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -46,9 +48,16 @@ def cuda_shared_memory_reason(dtype, bytes_per_block):
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _shared_memory_per_block(index):
+    """The opt-in shared memory per block of CUDA device `index` (asked once per device: auto
+    checks it on every call)."""
+    return getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
+
+
 def _cuda_device_reason(device, dtype):
-    properties = torch.cuda.get_device_properties(device)
-    return cuda_shared_memory_reason(dtype, getattr(properties, "shared_memory_per_block_optin", None))
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return cuda_shared_memory_reason(dtype, _shared_memory_per_block(index))
 
 
 SUPPORT = backends.OpSupport(

@@ -13,9 +13,9 @@ as the forward finds it (relu masks a window whose max a <= 0), and every kernel
 a = fma(x - mean, scale, b) from the stats as stored, so masks and argmaxes agree. Per-channel sums
 over n (grad_weight, grad_bias, d weight) are [T, N, C] fp32 partials summed in torch afterwards:
 no atomics. x [T, N, C, H, W] contiguous, weight / bias [T, C], stats [T, N, G, 2] (mean, rstd)
-in fp32 whatever x's dtype (fp32, fp16, bf16: a half-precision mean would be off by up to
-half an ulp of the mean, 4 in bf16 near 1000, wrong far past the tolerances for a group whose
-mean is large beside its spread); all maths in fp32. Group bases are int64 offsets.
+in fp32 whatever x's dtype (fp32, fp16, bf16: a mean rounded to bf16 is off by up to half its
+ulp, 0.25 near 100 and 2 near 1000, far past the tolerances for a group whose mean is large
+beside its spread); all maths in fp32. Group bases are int64 offsets.
 """
 import torch
 
@@ -40,7 +40,7 @@ if triton is not None:
         return tl.load(stats_ptr + 2 * group).to(tl.float32), tl.load(stats_ptr + 2 * group + 1).to(tl.float32)
 
     @jit
-    def _affine(w_ptr, b_ptr, index, mean, rstd):
+    def _affine(w_ptr, b_ptr, index, rstd):
         """(w, scale = w rstd, b) of one channel."""
         w = tl.load(w_ptr + index).to(tl.float32)
         return w, w * rstd, tl.load(b_ptr + index).to(tl.float32)
@@ -57,7 +57,7 @@ if triton is not None:
         """Channel k of the group: (its index over [T, N, C], w, scale, b, its x plane, its
         grad_y (or y) plane)."""
         channel = group * group_channels + k
-        w, scale, bias = _affine(w_ptr, b_ptr, first_weight + k, mean, rstd)
+        w, scale, bias = _affine(w_ptr, b_ptr, first_weight + k, rstd)
         return channel, w, scale, bias, x_ptr + channel * plane, grad_y_ptr + channel * out_plane
 
     @jit

@@ -122,8 +122,8 @@ class MetaConfig:
         _integer("projection_dim", self.projection_dim, 1)
         _integer("warmup_steps", self.warmup_steps, 0)
         _positive("inner_lr", self.inner_lr)
-        _positive("contrastive_temperature", self.contrastive_temperature)
-        _positive("kl_temperature", self.kl_temperature)
+        validate.field_temperature("contrastive_temperature", self.contrastive_temperature)
+        validate.field_temperature("kl_temperature", self.kl_temperature)
         _positive("outer_lr", self.outer_lr)
         _non_negative("contrastive_weight", self.contrastive_weight)
         _non_negative("task_loss_weight", self.task_loss_weight)
@@ -146,10 +146,16 @@ class MetaConfig:
         if self.method == "bmssl" and self.target_steps < 1:
             raise ValueError("method='bmssl' needs target_steps >= 1: with δ = 0 the target w_{L+δ} "
                              "is w_L itself and the KL is 0")
-        if self.method == "bmssl" and self.inner_steps == 0 and self.head == "zero" and self.task_loss_weight == 0:
-            raise ValueError("method='bmssl' with inner_steps=0 and the zero head has a zero meta-gradient: w_L is θ "
-                             "with a zero head, whose logits are 0 for every θ; use inner_steps >= 1, "
-                             "head='shared' or task_loss_weight > 0")
+        if self.inner_steps == 0 and self.head == "zero":
+            # w_L is θ with a zero head: its logits are 0 for every θ, so the KL and the cross-entropy
+            # are constant; only the NT-Xent on θ's features (bmssl: times task_loss_weight) can learn
+            learns = self.contrastive_weight > 0 and (self.method != "bmssl" or self.task_loss_weight > 0)
+            if self.method in ("bmssl", "metassl") and not learns:
+                needs = ("task_loss_weight > 0 and contrastive_weight > 0" if self.method == "bmssl"
+                         else "contrastive_weight > 0")
+                raise ValueError(f"method='{self.method}' with inner_steps=0 and the zero head has a zero "
+                                 "meta-gradient: w_L is θ with a zero head, whose logits are 0 for every θ; "
+                                 f"use inner_steps >= 1, head='shared' or {needs}")
         if self.method == "simclr" and self.contrastive_weight == 0:
             raise ValueError("method='simclr' is the NT-Xent alone (times contrastive_weight): a weight of 0 "
                              "leaves nothing to train")

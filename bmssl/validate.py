@@ -7,6 +7,7 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 VARIANTS = ("in", "out")
 REDUCTIONS = ("mean", "sum", "none")
+MIN_TEMPERATURE = 1 / torch.finfo(torch.float32).max  # below it, 1/T overflows float32
 
 
 def values_readable() -> bool:
@@ -40,6 +41,9 @@ def check_temperature(op: str, temperature) -> float | None:
         raise ValueError(f"{op}: temperature must be a number, got {type(temperature).__name__}")
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"{op}: temperature must be finite and > 0, got {temperature}")
+    if temperature < MIN_TEMPERATURE:
+        raise ValueError(f"{op}: temperature {temperature} is too small: 1/T overflows float32 (T must be >= "
+                         f"{MIN_TEMPERATURE:.3g})")
     return float(temperature)
 
 
@@ -222,6 +226,14 @@ def field_integer(label: str, value, minimum: int) -> None:
 
 def _finite_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def field_temperature(label: str, value) -> None:
+    """A temperature field: finite, > 0, and 1/T finite in float32 (else every logit is inf)."""
+    field_positive(label, value)
+    if value < MIN_TEMPERATURE:
+        raise ValueError(f"{label} = {value!r} is too small: 1/T overflows float32 (T must be >= "
+                         f"{MIN_TEMPERATURE:.3g})")
 
 
 def field_positive(label: str, value) -> None:

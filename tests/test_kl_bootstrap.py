@@ -271,6 +271,9 @@ def test_vmap_unbatched_target():
     (lambda: bmssl.kl_bootstrap(torch.randn(3, 4), torch.randn(3, 4), 0.0), "temperature"),
     (lambda: bmssl.kl_bootstrap(torch.randn(3, 4), torch.randn(3, 4), -1.0), "temperature"),
     (lambda: bmssl.kl_bootstrap(torch.randn(3, 4), torch.randn(3, 4), float("nan")), "temperature"),
+    # 1/T overflows float32: every logit would be inf (it failed later as a NaN loss)
+    (lambda: bmssl.kl_bootstrap(torch.randn(3, 4), torch.randn(3, 4), 1e-40), "1/T overflows float32"),
+    (lambda: bmssl.ntxent(torch.randn(4, 3), torch.tensor([0, 0, 1, 1]), 1e-40), "1/T overflows float32"),
     (lambda: bmssl.kl_bootstrap(torch.randn(0, 4), torch.randn(0, 4)), "empty batch"),
     (lambda: bmssl.kl_bootstrap(torch.randn(3, 0), torch.randn(3, 0)), "C >= 1"),
     (lambda: bmssl.kl_bootstrap(torch.ones(3, 4, dtype=torch.long), torch.ones(3, 4, dtype=torch.long)), "float"),

@@ -361,6 +361,11 @@ def test_configs_whose_meta_gradient_is_zero_are_refused():
     is exactly 0 (it trained nothing while reporting success); simclr with λ = 0 has no loss."""
     with pytest.raises(ValueError, match="inner_steps=0 and the zero head has a zero meta-gradient"):
         MetaConfig(method="bmssl", inner_steps=0)
+    # the NT-Xent of θ is the only term that can learn at L = 0 with the zero head: without it, 0
+    with pytest.raises(ValueError, match="task_loss_weight > 0 and contrastive_weight > 0"):
+        MetaConfig(method="bmssl", inner_steps=0, task_loss_weight=1.0, contrastive_weight=0.0)
+    with pytest.raises(ValueError, match="method='metassl' with inner_steps=0 and the zero head"):
+        MetaConfig(method="metassl", inner_steps=0, contrastive_weight=0.0)
     with pytest.raises(ValueError, match="a weight of 0 leaves nothing to train"):
         MetaConfig(method="simclr", contrastive_weight=0.0)
     batch = random_batch()
@@ -369,6 +374,14 @@ def test_configs_whose_meta_gradient_is_zero_are_refused():
         assert sum(float(g.abs().sum()) for g in grads.values()) > 0
     grads, _, _ = tiny_learner(method="metassl", inner_steps=0).meta_gradient(batch)  # λ·NT-Xent of θ
     assert sum(float(g.abs().sum()) for g in grads.values()) > 0
+
+
+@pytest.mark.parametrize("field", ["kl_temperature", "contrastive_temperature"])
+def test_temperature_whose_inverse_overflows_float32_is_refused(field):
+    """T = 1e-40 passed validation and failed at step 1 as 'the outer loss is nan'."""
+    with pytest.raises(ValueError, match=f"{field} = 1e-40 is too small: 1/T overflows float32"):
+        MetaConfig(**{field: 1e-40})
+    MetaConfig(**{field: 1e-3})
 
 
 def test_simclr_loss_is_scaled_by_the_contrastive_weight():

@@ -25,10 +25,13 @@ cast back, so half-precision images are fine.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from . import validate
 
 _LUMA = (0.299, 0.587, 0.114)
 _PADDING_MODES = ("zeros", "border", "reflection")
@@ -84,15 +87,18 @@ class AugmentConfig:
                                  f"{bracket}{low_bound}, {high_bound}]")
 
         def check_nonnegative(name, value, high_bound=math.inf):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            # numpy / torch scalars are numbers.Real too, and are stored as float
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
                     math.isfinite(value) and 0.0 <= value <= high_bound):
                 bound = f"{high_bound}]" if math.isfinite(high_bound) else "inf), finite"
-                raise ValueError(f"AugmentConfig.{name}={value!r} must lie in [0, {bound}")
+                raise ValueError(f"AugmentConfig.{name}={value!r} must be a number in [0, {bound}")
+            object.__setattr__(self, name, float(value))
 
         for name in ("crop_scale", "crop_ratio", "zoom"):
             value = getattr(self, name)
-            if len(value) != 2:
-                raise ValueError(f"AugmentConfig.{name} must be a (low, high) pair, got {value!r}")
+            if not (isinstance(value, (tuple, list)) and len(value) == 2
+                    and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value)):
+                raise ValueError(f"AugmentConfig.{name} must be a (low, high) pair of numbers, got {value!r}")
             object.__setattr__(self, name, (float(value[0]), float(value[1])))
         check_range("crop_scale", self.crop_scale, 0.0, 1.0, low_open=True)
         check_range("crop_ratio", self.crop_ratio, 0.0, low_open=True)
@@ -262,6 +268,12 @@ def augment(images: torch.Tensor, config: AugmentConfig,
                          f"channels; use a config without them (e.g. AugmentConfig.omniglot())")
     if batch == 0 or images.numel() == 0:
         return images.clone()
+    if validate.values_readable():
+        # the views are clamped to [0, 1]: a 0..255 pool became all 1.0 under any geometry
+        low, high = (float(v) for v in torch.aminmax(images))
+        if not (low >= 0.0 and high <= 1.0):
+            raise ValueError(f"images must lie in [0, 1], got values in [{low}, {high}]"
+                             + ("; pass ImageSet.float() (uint8 / 255), not images.float()" if high > 1 else ""))
 
     work_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
     x = images.to(work_dtype)

@@ -228,11 +228,19 @@ def test_lookalikes_across_alphabets_are_kept_once():
     ("shift", 5.0), ("shift", -0.1), ("rotation_deg", float("nan")), ("shear", 3.0),
     ("image_size", 28.5), ("image_size", 4), ("instances_per_class", 0), ("pens_per_class", True),
     ("stroke_widths", (0.0, 0.5)), ("stroke_widths", ()), ("seed", -1),
+    ("shear", True), ("scale", 0.9), ("scale", ("0.8", "1.0")),  # True was accepted as 1
 ])
 def test_bad_glyph_config_names_the_field(field, value):
     """Degenerate ranges once failed deep in the renderer (LinAlgError) or rendered blank images."""
     with pytest.raises(ValueError, match=field):
         glyphs.GlyphConfig(**{field: value})
+
+
+def test_glyph_config_takes_numpy_scalars():
+    """np.float32(0.05) was refused: 'must lie in [0, 0.5], got np.float32(0.05)'."""
+    config = glyphs.GlyphConfig(shift=np.float32(0.05), image_size=np.int64(28), scale=[np.float64(0.9), 1])
+    assert type(config.shift) is float and type(config.image_size) is int and config.scale == (0.9, 1.0)
+    assert glyphs.GlyphConfig() == glyphs.GlyphConfig(image_size=np.int32(28)), "the same cache key"
 
 
 def test_unknown_glyph_alphabet_is_a_clear_error():
@@ -454,6 +462,21 @@ def test_omniglot_bad_paths_and_corrupt_zips(tmp_path):
         data.load_omniglot(tmp_path / "nopng.zip")
 
 
+def test_omniglot_refuses_two_trees_in_one_folder_and_a_zip_as_root(tmp_path):
+    """small1/ and small2/ extracted side by side share Greek and Latin: merged, each of those
+    images was in its class twice (a review's episodes had 420 of 3750 queries identical to a
+    support image). A zip passed as root= said it "does not exist"."""
+    fake_omniglot_zip(tmp_path / "fake.zip")
+    with zipfile.ZipFile(tmp_path / "fake.zip") as archive:
+        archive.extractall(tmp_path / "both" / "one")
+        archive.extractall(tmp_path / "both" / "two")
+    with pytest.raises(ValueError, match="holds Alpha/character01/0001_01.png twice"):
+        data.load_omniglot(tmp_path / "both")
+    assert data.load_omniglot(tmp_path / "both" / "one").num_classes == 4
+    with pytest.raises(FileNotFoundError, match="is a file, not a folder.*as `source`"):
+        data.load_omniglot("fake", root=tmp_path / "fake.zip")
+
+
 # ---- class folders ------------------------------------------------------------------------------
 def solid(colour, size=(40, 30)):
     return Image.new("RGB", size, colour)
@@ -545,6 +568,38 @@ def test_a_sixteen_bit_omniglot_png_is_rescaled(tmp_path):
         archive.writestr("x/Alpha/character01/0001_01.png", write_png(strokes))
     image = data.load_omniglot(tmp_path / "deep.zip", image_size=105).images[0, 0]
     assert image[:, 50:55].eq(255).all() and image[:, :50].eq(0).all(), "ink 255 on black, as for 8-bit"
+
+
+@pytest.mark.parametrize("background", [0, 255])
+def test_transparent_pixels_are_composited_onto_white(tmp_path, background):
+    """A transparent background kept the colour hidden under it: an Omniglot-style RGBA glyph on
+    transparent black became all ink after the inversion (mean 255)."""
+    rgba = np.zeros((105, 105, 4), dtype=np.uint8)
+    rgba[..., :3] = background
+    rgba[:, 50:55] = (0, 0, 0, 255)  # opaque black strokes
+    with zipfile.ZipFile(tmp_path / "alpha.zip", "w") as archive:
+        archive.writestr("x/Alpha/character01/0001_01.png", write_png(rgba))
+    image = data.load_omniglot(tmp_path / "alpha.zip", image_size=105).images[0, 0]
+    assert image[:, 50:55].eq(255).all() and image[:, :50].eq(0).all(), "ink on black, as for an opaque PNG"
+    (tmp_path / "folder" / "cls").mkdir(parents=True)
+    Image.fromarray(rgba).save(tmp_path / "folder" / "cls" / "a.png")
+    folder = data.load_image_folder(tmp_path / "folder", image_size=105, show_progress=False)
+    assert folder.images[0, :, :, :50].eq(255).all() and folder.images[0, :, :, 50:55].eq(0).all()
+
+
+def test_image_size_and_extensions_are_checked_and_normalised(tmp_path):
+    """image_size=True gave 1x1 images and 84.0 a TypeError; extensions=".png" was iterated
+    character by character, and "png" without its dot matched nothing."""
+    for bad in (True, 84.0, (8,), (8, 8, 8), "28"):
+        with pytest.raises(ValueError, match="image_size must be an int or an \\(H, W\\) pair of ints"):
+            data.common.image_size_hw(bad)
+    assert data.common.image_size_hw(np.int64(8)) == (8, 8) and data.common.image_size_hw([6, 7]) == (6, 7)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        solid((9, 9, 9)).save(tmp_path / name / "x.png")
+    for extensions in (".png", "png", ["PNG"]):
+        loaded = data.load_image_folder(tmp_path, image_size=8, extensions=extensions, show_progress=False)
+        assert loaded.num_classes == 2
 
 
 def test_a_decompression_bomb_is_a_value_error_naming_the_file(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ Shapes stay tiny (6–8 pixel images, a handful of tasks) so the file runs in se
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -380,10 +381,36 @@ def test_colour_jitter_on_grayscale_images_is_an_error():
     ("zoom", (1.0, float("inf"))), ("crop_ratio", (1.0, float("inf"))), ("crop_scale", (float("nan"), 1.0)),
     ("brightness", float("inf")), ("contrast", float("inf")), ("saturation", float("nan")),
     ("noise_std", float("inf")), ("rotation_degrees", float("nan")),
+    # a bare number for a pair once failed with a raw TypeError; a bool is not an angle
+    ("crop_scale", 0.5), ("zoom", ("1", "2")), ("rotation_degrees", True),
 ])
 def test_bad_augment_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         AugmentConfig(**{field: value})
+
+
+def test_augment_config_takes_numpy_and_torch_scalars_as_floats():
+    """np.float32(10) was refused with 'np.float32(10.0) must lie in [0, 180.0]'."""
+    config = AugmentConfig(rotation_degrees=np.float32(10), zoom=(np.float64(0.9), 1), flip_prob=np.float16(0.5))
+    assert config.rotation_degrees == 10.0 and type(config.rotation_degrees) is float
+    assert config.zoom == (0.9, 1.0) and config.flip_prob == 0.5
+
+
+@pytest.mark.parametrize("preset", ["identity", "omniglot"])
+def test_images_outside_unit_range_are_refused(preset):
+    """A 0..255 pool (images.float() instead of ImageSet.float()) became all-1.0 views under any
+    geometry, and passed through unchanged under the identity: now a ValueError either way."""
+    config = getattr(AugmentConfig, preset)()
+    pool = random_pool(3) * 255
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\].*ImageSet.float\(\)"):
+        augment(pool, config, generator(0))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        make_tasks(pool, 2, 1, 1, 1, config, generator(0))
+    nan_pool = random_pool(3)
+    nan_pool[1, 0, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\], got values in \[nan"):
+        augment(nan_pool, config, generator(0))
+    assert augment(random_pool(3), config, generator(0)).shape == (3, 1, 8, 8)
 
 
 def test_bad_augment_inputs():

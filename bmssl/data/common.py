@@ -223,8 +223,11 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # how Pillow opens
 def open_image(read, mode: str, what):
     """The image Pillow decodes from `read()` (bytes) or a path, converted to `mode` ("L" or
     "RGB") at 8 bits. 16-bit grayscale (a PNG's only deeper mode) is rescaled, v8 = round(v16 / 257),
-    where Pillow's own convert would clip everything above 255 to white. Raises ValueError naming
-    `what` for a file Pillow cannot read, a decompression bomb, or a float / 32-bit image."""
+    where Pillow's own convert would clip everything above 255 to white. An image with transparency
+    (RGBA, LA, PA, or a palette / single colour marked transparent) is composited onto white first:
+    a plain convert keeps whatever colour hides under transparent pixels (an Omniglot-style glyph
+    on transparent black became all ink). Raises ValueError naming `what` for a file Pillow cannot
+    read, a decompression bomb, or a float / 32-bit image."""
     import io
 
     from PIL import Image
@@ -241,15 +244,25 @@ def open_image(read, mode: str, what):
                 return Image.fromarray(eight_bit).convert(mode)
             if image.mode == "F":
                 raise ValueError("floating-point images are not supported; save it as 8- or 16-bit")
+            if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+                rgba = image.convert("RGBA")
+                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return Image.alpha_composite(white, rgba).convert(mode)
             return image.convert(mode)
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(f"cannot read image {what}: {error}") from error
 
 
 def image_size_hw(size) -> tuple:
-    """(H, W) from an int or a pair; ValueError unless both are >= 1."""
-    height, width = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
-    if int(height) < 1 or int(width) < 1:
+    """(H, W) from an int or a pair of ints; ValueError unless both are integers >= 1."""
+    def integer(value) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+    pair = (size, size) if integer(size) else size
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(integer(v) for v in pair)):
+        raise ValueError(f"image_size must be an int or an (H, W) pair of ints, got {size!r}")
+    height, width = pair
+    if height < 1 or width < 1:
         raise ValueError(f"image_size must be >= 1, got {size!r}")
     return int(height), int(width)
 

@@ -45,7 +45,9 @@ def scan_image_folder(root, layout: str = "auto", extensions=IMAGE_EXTENSIONS) -
         raise FileNotFoundError(f"image folder {root} does not exist")
     if not root.is_dir():
         raise ValueError(f"{root} is not a folder; expected root/<class>/*.png|jpg")
-    extensions = tuple(e.lower() for e in extensions)
+    if isinstance(extensions, str):
+        extensions = (extensions,)  # ".png" was iterated as ".", "p", "n", "g"
+    extensions = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
     children = _visible_dirs(root)
     if not children:
         raise ValueError(f"{root} has no class folders; expected root/<class>/<image> or "

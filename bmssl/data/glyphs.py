@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import unicodedata
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -51,6 +52,11 @@ MAX_FILL = 0.9  # no glyph spans more than this fraction, whatever the jitter
 MIN_FILL = 0.25  # glyphs spanning less than this (after normalisation) are dropped as tiny
 MIN_ERODED_INK = 0.45  # a thinner pen is used only when it keeps this fraction of the ink
 _SYMBOL_NAMES = frozenset(name for name, _, _ in SYMBOL_BLOCKS)
+
+
+def _real(value) -> bool:
+    """A real number (numpy and torch scalars too), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -91,15 +97,19 @@ class GlyphConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
                 raise ValueError(f"GlyphConfig.{name} must be an integer >= {minimum}, got {value!r}")
+            object.__setattr__(self, name, int(value))  # numpy integers as int (the cache key's repr)
         for name in ("scale", "aspect"):
             pair = getattr(self, name)
-            if len(pair) != 2 or not all(math.isfinite(v) and v > 0 for v in pair) or pair[0] > pair[1]:
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_real(v) for v in pair)
+                    and all(math.isfinite(v) and v > 0 for v in pair) and pair[0] <= pair[1]):
                 raise ValueError(f"GlyphConfig.{name} must be a (low, high) pair with 0 < low <= high, "
                                  f"both finite, got {pair!r}")
+            object.__setattr__(self, name, (float(pair[0]), float(pair[1])))
         for name, high in (("rotation_deg", 180.0), ("shear", 1.0), ("shift", 0.5)):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0.0 <= value <= high):
-                raise ValueError(f"GlyphConfig.{name} must lie in [0, {high}], got {value!r}")
+            if not (_real(value) and 0.0 <= value <= high):
+                raise ValueError(f"GlyphConfig.{name} must be a number in [0, {high}], got {value!r}")
+            object.__setattr__(self, name, float(value))
         if not 1 <= self.min_classes_per_alphabet <= self.max_classes_per_alphabet:
             raise ValueError("need 1 <= min_classes_per_alphabet <= max_classes_per_alphabet, got "
                              f"{self.min_classes_per_alphabet} and {self.max_classes_per_alphabet}")

@@ -41,10 +41,14 @@ def find_omniglot_dir(root=None) -> Path:
         folder, origin = Path(os.environ[ENV_VAR]).expanduser(), f"{ENV_VAR}="
     else:
         folder, origin = DEFAULT_DIR, "the default location "
+    if folder.is_file():
+        raise FileNotFoundError(
+            f"Omniglot folder not found: {origin}{folder} is a file, not a folder. Pass the folder "
+            f"that holds the archives, or pass the zip itself as `source` (load_omniglot({str(folder)!r})).")
     if not folder.is_dir():
         raise FileNotFoundError(
             f"Omniglot folder not found: {origin}{folder} does not exist. Pass root=<folder> "
-            f"(or a path to the zip), set {ENV_VAR}, or place images_background_small1.zip / "
+            f"(or the zip's path as `source`), set {ENV_VAR}, or place images_background_small1.zip / "
             f"images_background_small2.zip in {DEFAULT_DIR}.")
     return folder
 
@@ -88,7 +92,15 @@ def _index(path: Path) -> list:
                 entries.append((parts[-3], parts[-2], parts[-1], name))
     if not entries:
         raise ValueError(f"no Omniglot images in {path}: expected <alphabet>/<character>/*.png")
-    return sorted(entries, key=lambda e: e[:3])
+    entries.sort(key=lambda e: e[:3])
+    for first, second in zip(entries, entries[1:]):
+        # two trees side by side (small1/ and small2/ extracted together share Greek and Latin):
+        # merging them would put each image in its class twice, a query beside its own copy
+        if first[:3] == second[:3]:
+            raise ValueError(f"{path} holds {'/'.join(first[:3])} twice ({first[3]} and {second[3]}): it "
+                             f"looks like several Omniglot trees in one place; pass each one as its own "
+                             f"source (e.g. .../images_background_small1)")
+    return entries
 
 
 def _hidden(parts) -> bool:

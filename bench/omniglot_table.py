@@ -356,9 +356,11 @@ def _shared_fields(record):
     """{field: value} of what the table presents as common to every row: the data, the
     evaluation and the seed; for a trained method also the budget and every MetaConfig field but
     those that define the method (scratch trains nothing: its budget and optimiser do not apply).
-    A MetaConfig field that an older record lacks had its default value."""
+    A MetaConfig field that an older record lacks had its default value. The commit too: rows of
+    different code are not one comparison (engine changes move a trained row by several points,
+    far outside its CI, which covers the episodes only)."""
     fields = {"dataset": record["dataset"], "data": record["data"], "seed": record["seed"],
-              **{f"eval.{k}": record["eval"].get(k) for k in EVAL_FIELDS}}
+              "commit": record.get("commit"), **{f"eval.{k}": record["eval"].get(k) for k in EVAL_FIELDS}}
     if record["budget"]["outer_steps"]:
         config = {**asdict(MetaConfig()), **record["config"]}
         fields.update({f"budget.{k}": v for k, v in record["budget"].items()})

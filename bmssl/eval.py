@@ -11,7 +11,11 @@ class, in the TaskBatch layout (support labels arange(W).repeat_interleave(S)).
 Each episode gives an accuracy a_e; the result is mean(a) ± 1.96 · std(a) / √E, with the
 population std (ddof=0) as in the usual few-shot evaluation code. Episodes are drawn from a
 seeded numpy Generator and evaluated `batch_episodes` at a time (torch.func.vmap over episodes,
-so batch statistics, if the backbone uses them, stay per episode).
+so batch statistics, if the backbone uses them, stay per episode). Both protocols run the support
+and the query through the backbone in separate calls: with batch statistics, the prototypes never
+depend on the query images. Non-finite scores, or scores tied across the classes for every query
+of an episode (collapsed features: the argmax picks class 0, exact chance), raise instead of
+reporting an accuracy.
 """
 import math
 import numbers
@@ -116,22 +120,43 @@ def proto_accuracy(model: FewShotModel, params: dict, episodes: Episodes, ways: 
     support_count = episodes.support.shape[1]
 
     def one_episode(support, query):
-        features = F.normalize(model.features(params, torch.cat([support, query])), dim=-1)
-        prototypes = features[:support_count].reshape(ways, support_count // ways, -1).mean(1)
-        cosine = features[support_count:] @ F.normalize(prototypes, dim=-1).T
-        return cosine.argmax(-1), torch.isfinite(cosine).all()
+        # two calls: with batch statistics, one call over support + query let the query images move
+        # the prototypes (a review measured 0.53 against 0.51 on one 5-way 1-shot episode)
+        support_features = F.normalize(model.features(params, support), dim=-1)
+        query_features = F.normalize(model.features(params, query), dim=-1)
+        prototypes = support_features.reshape(ways, support_count // ways, -1).mean(1)
+        cosine = query_features @ F.normalize(prototypes, dim=-1).T
+        return cosine.argmax(-1), _score_flags(cosine)
 
-    predictions, finite = torch.func.vmap(one_episode)(episodes.support, episodes.query)
-    _check_finite(finite, "proto: the features of θ", "check θ (the checkpoint) for NaN or Inf values")
+    predictions, flags = torch.func.vmap(one_episode)(episodes.support, episodes.query)
+    _check_scores(flags, predictions, "proto: the features of θ", "check θ (the checkpoint) for NaN or Inf values")
     return (predictions == episodes.query_labels).double().mean(1)
 
 
-def _check_finite(finite: torch.Tensor, what: str, hint: str) -> None:
-    """An argmax over NaN scores picks class 0, which reads as chance accuracy: fail instead."""
-    bad = int((~finite).sum())
+def _score_flags(scores: torch.Tensor) -> torch.Tensor:
+    """[finite, tied]: every score finite; every query's scores equal across the classes."""
+    finite = torch.isfinite(scores).all()
+    tied = (scores.amax(-1) == scores.amin(-1)).all()
+    return torch.stack([finite, tied])
+
+
+def _check_scores(flags: torch.Tensor, predictions: torch.Tensor, what: str, hint: str) -> None:
+    """An argmax over NaN or all-equal scores picks class 0, which reads as chance accuracy: fail
+    instead. flags [E, 2] from _score_flags; predictions [E, W·Q]. Collapsed features can also
+    leave rounding noise between the classes (the finetune head's gradient is 0 up to rounding):
+    one predicted class for every query of every episode is refused too."""
+    episodes = flags.shape[0]
+    bad = int((~flags[:, 0]).sum())
     if bad:
-        raise FloatingPointError(f"{what} are not finite (NaN or Inf) in {bad} of {finite.numel()} episodes, "
+        raise FloatingPointError(f"{what} are not finite (NaN or Inf) in {bad} of {episodes} episodes, "
                                  f"so the accuracy would be meaningless; {hint}")
+    tied = int(flags[:, 1].sum())
+    one_class = bool((predictions == predictions[:, :1]).all()) and predictions.shape[1] > 1
+    if tied or one_class:
+        found = (f"give every query the same score for every class in {tied} of {episodes} episodes" if tied
+                 else f"predict one class for every query of all {episodes} episodes")
+        raise ValueError(f"{what} {found} (collapsed features: the same vector for every image?), so the "
+                         "accuracy would be exact chance; the model has collapsed")
 
 
 def finetune_accuracy(model: FewShotModel, params: dict, episodes: Episodes, ways: int, steps: int,
@@ -144,10 +169,10 @@ def finetune_accuracy(model: FewShotModel, params: dict, episodes: Episodes, way
         loss_fn = lambda w: F.cross_entropy(model.logits(w, model.features(w, support)), support_labels)  # noqa: E731
         adapted, _ = adapt(model.task_parameters(params, ways), loss_fn, steps, lr, create_graph=False)
         logits = model.logits(adapted, model.features(adapted, query))
-        return logits.argmax(-1), torch.isfinite(logits).all()
+        return logits.argmax(-1), _score_flags(logits)
 
-    predictions, finite = torch.func.vmap(one_episode)(episodes.support, episodes.query)
-    _check_finite(finite, f"finetune: the query logits after {steps} SGD steps at lr {lr:g}",
+    predictions, flags = torch.func.vmap(one_episode)(episodes.support, episodes.query)
+    _check_scores(flags, predictions, f"finetune: the query logits after {steps} SGD steps at lr {lr:g}",
                   "lower the finetune learning rate")
     return (predictions == episodes.query_labels).double().mean(1)
 

@@ -24,7 +24,8 @@ from bmssl import run_files
 from bmssl.eval import evaluate
 from bmssl.models import BACKBONES, NORMS
 from bmssl.training import (ALIASES, DATA_HELP, DTYPES, TrainConfig, _optional_float, add_eval_arguments, build_learner,
-                            check_shared_head, flag, parse_settings, resolve_data, resolve_device)
+                            check_eval_feasible, check_finetune_steps, check_shared_head, flag, parse_settings,
+                            resolve_data, resolve_device)
 
 # Flags of `bmssl eval` that set TrainConfig fields (data, model for scratch, evaluation, device).
 DATA_FIELDS = ("data", "eval_data", "image_size", "channels", "test_fraction", "split_seed")
@@ -152,15 +153,16 @@ def main(args: argparse.Namespace) -> int:
         saved = TrainConfig.from_dict(states[0]["config"])
         base = replace(saved, **{name: getattr(base, name) for name in EVAL_FIELDS + RUN_FIELDS})
     base = replace(base, **given).validate()
-    for state in states:  # before reading the data
-        check_shared_head(TrainConfig.from_dict(state["config"]), base.eval_settings, base.protocols,
-                          f"checkpoint {state['path']}", "--settings")
+    checked = [(TrainConfig.from_dict(state["config"]), f"checkpoint {state['path']}") for state in states]
     if args.method == "scratch":
-        check_shared_head(base, base.eval_settings, base.protocols,
-                          "the scratch model (the first checkpoint's architecture)", "--settings")
+        checked.append((replace(base, method="scratch"), "the scratch model (the first checkpoint's architecture)"))
+    for config, what in checked:  # before reading the data
+        check_shared_head(config, base.eval_settings, base.protocols, what, "--settings")
+        check_finetune_steps(config, base.finetune_steps, base.protocols, what)
     if base.threads:
         torch.set_num_threads(base.threads)
     data = resolve_data(base, show_progress=base.progress)
+    check_eval_feasible(base, data.test, "--settings")  # before the first evaluation, not after some
     image_shape = (data.test.channels, *data.test.image_size)
     device, dtype = resolve_device(base.device), DTYPES[base.dtype]
 

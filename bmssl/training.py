@@ -752,6 +752,8 @@ def _train(config: TrainConfig, run_dir: Path, state, world: World, show_progres
     started = time.perf_counter()
     run = Run(config, run_dir, world, show_data_progress=config.progress)
     if config.eval:
+        check_shared_head(config, config.eval_settings, config.protocols, "this run", "--eval-settings")
+        check_finetune_steps(config, config.finetune_steps, config.protocols, "this run")
         check_eval_feasible(config, run.data.test)
     if state is not None:
         run.restore(state)
@@ -889,18 +891,34 @@ def _step(run: Run, bar: StepBar) -> None:
     bar.update(**shown)
 
 
-def check_eval_feasible(config: TrainConfig, test) -> None:
-    """Fail before training, not after it, when the test set cannot hold the requested episodes
-    or the model cannot run them (a shared head's fixed ways, check_shared_head)."""
+def check_eval_feasible(config: TrainConfig, test, settings_flag: str = "--eval-settings") -> None:
+    """Fail before training (or before the first of several evaluations), not after it, when the
+    test set cannot hold the requested episodes. `settings_flag` names the flag of the settings."""
+    import warnings
+
     from bmssl.eval import EpisodeSampler
 
-    check_shared_head(config, config.eval_settings, config.protocols, "this run", "--eval-settings")
     for ways, shots in parse_settings(config.eval_settings):
         try:
-            EpisodeSampler(test.labels, ways, shots, config.queries)
+            with warnings.catch_warnings():  # the evaluation itself warns about left-out classes
+                warnings.simplefilter("ignore")
+                EpisodeSampler(test.labels, ways, shots, config.queries)
         except ValueError as error:
-            raise ValueError(f"--eval-settings {ways}w{shots}s on the test set ({test.summary()}): {error}; "
+            raise ValueError(f"{settings_flag} {ways}w{shots}s on the test set ({test.summary()}): {error}; "
                              "lower the ways, shots or --queries") from None
+
+
+def check_finetune_steps(model: TrainConfig, finetune_steps, protocols, what: str) -> None:
+    """ValueError when the finetune protocol would run 0 SGD steps from `model`'s zero head
+    (--finetune-steps 0, or its default L = 0): every query is class 0, exact chance."""
+    if "finetune" not in protocols or model.head != "zero":
+        return
+    steps = finetune_steps if finetune_steps is not None else model.inner_steps
+    if steps == 0:
+        given = "--finetune-steps 0" if finetune_steps is not None else "--finetune-steps (default: L = 0)"
+        raise ValueError(f"{what}: the finetune protocol with 0 SGD steps from the zero head predicts class 0 "
+                         f"for every query (exact chance); {given}: give --finetune-steps >= 1, "
+                         "or --protocols proto")
 
 
 def check_shared_head(model: TrainConfig, settings, protocols, what: str, settings_flag: str) -> None:

@@ -155,6 +155,41 @@ def test_non_finite_scores_raise_instead_of_reading_as_chance():
         evaluate(model, images, labels, "proto", ways=2, shots=1, queries=3, episodes=2, show_progress=False)
 
 
+def test_collapsed_features_raise_instead_of_reading_as_chance():
+    """The same feature vector for every image: every score ties, argmax picks class 0, and
+    evaluate reported an exact 20.00 ± 0.00 for both protocols."""
+    images, labels = clusters(classes=10)
+    model = conv_model()
+    with torch.no_grad():
+        last_norm = model.backbone.blocks[-3]  # [conv, norm, relu, pool] of the last block
+        last_norm.weight.zero_()
+        last_norm.bias.fill_(0.5)
+    # proto's cosines tie exactly; finetune's logits differ by rounding noise, the same for every query
+    for protocol, found in (("proto", "same score for every class in 4 of 4 episodes"),
+                            ("finetune", "predict one class for every query of all 4 episodes")):
+        with pytest.raises(ValueError, match=f"{protocol}: .* {found}"):
+            evaluate(model, images, labels, protocol, ways=5, shots=1, episodes=4, inner_steps=1, inner_lr=0.1,
+                     show_progress=False)
+
+
+def test_proto_with_batch_statistics_normalises_support_and_query_apart():
+    """One backbone call over support + query let the query images move the prototypes."""
+    from bmssl.eval import proto_accuracy
+    from bmssl.meta import detached
+
+    torch.manual_seed(0)
+    model = FewShotModel(ConvNet((1, 8, 8), hidden=8, depth=2, norm="batch"), projection_dim=8)
+    params = detached(model.meta_parameters())
+    images, labels = clusters(classes=5, noise=0.3)
+    episodes = EpisodeSampler(labels, 5, 1, 15, seed=0).sample(images, 6)
+    got = proto_accuracy(model, params, episodes, 5)
+    for e in range(6):
+        support = torch.nn.functional.normalize(model.features(params, episodes.support[e]), dim=-1)
+        query = torch.nn.functional.normalize(model.features(params, episodes.query[e]), dim=-1)
+        predicted = (query @ torch.nn.functional.normalize(support, dim=-1).T).argmax(-1)
+        assert got[e] == (predicted == episodes.query_labels[e]).double().mean()
+
+
 def test_finetune_with_no_step_from_the_zero_head_is_refused():
     """0 SGD steps from the zero head: all-zero logits, class 0 for every query, an exact 20.00 ± 0.00
     that looked like a result."""

@@ -41,3 +41,8 @@ def test_experiment_script_smoke(tmp_path, capsys):
     capsys.readouterr()
     script.main(argv)
     assert "skip scratch" in capsys.readouterr().err
+    # rows of different commits are not one table (the committed ones once mixed three commits)
+    record["commit"] = "0000000"
+    (tmp_path / "bmssl_task.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match="differ in\n  commit: .*bmssl_task.json \"0000000\""):
+        script.main(argv + ["--table-only"])

@@ -229,6 +229,22 @@ def test_eval_prints_the_table_for_a_checkpoint_and_the_scratch_baseline(folder,
     assert status == 2 and "nothing to evaluate" in err
 
 
+def test_eval_refuses_an_infeasible_setting_or_zero_finetune_steps_before_evaluating(folder, tmp_path, capsys):
+    """The 300w1s of `--settings 5w1s 5w5s 300w1s` failed only after the first two settings had
+    been evaluated (325 s in a review), with no table and no --json; --finetune-steps 0 failed
+    after proto, naming inner_steps instead of the flag."""
+    scratch = ["eval", "--method", "scratch", "--data", folder, *TINY[:2], "--image-size", 16, "--hidden", 4,
+               "--depth", 2, "--episodes", 4, "--queries", 3, "--no-progress"]
+    status, out, err = bmssl(*scratch, "--settings", "2w1s", "50w1s", capsys=capsys)
+    assert status == 2 and "--settings 50w1s on the test set" in err and "2w1s" not in out, err
+    status, out, err = bmssl(*scratch, "--settings", "2w1s", "--finetune-steps", 0, capsys=capsys)
+    assert status == 2 and "--finetune-steps 0" in err and "exact chance" in err and out == "", err
+    # L = 0 from a run: the finetune protocol's default steps are L
+    status, out, err = bmssl(*scratch, "-L", 0, "--settings", "2w1s", capsys=capsys)
+    assert status == 2 and "--finetune-steps (default: L = 0)" in err, err
+    assert bmssl(*scratch, "-L", 0, "--settings", "2w1s", "--protocols", "proto", capsys=capsys)[0] == 0
+
+
 @pytest.mark.parametrize("method", ["bmssl", "simclr"])
 def test_torchrun_two_gloo_processes_equal_one_process(folder, tmp_path, capsys, method):
     """K = 4 tasks: each of 2 ranks draws the same global batch from the shared seed and keeps 2

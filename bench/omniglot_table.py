@@ -44,7 +44,6 @@ import argparse
 import json
 import math
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict, replace
@@ -320,14 +319,9 @@ def run_method(method, args, pool, images, labels, description, out_dir: Path):
 
 
 def git_commit():
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    from bmssl.bench.common import commit
+
+    return commit()
 
 
 # ---------------------------------------------------------------------------------------------

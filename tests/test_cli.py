@@ -217,3 +217,33 @@ def test_bench_kl_bootstrap_measures_cpu_peak_memory(tmp_path):
                               "--out", str(tmp_path / "kl")])
     peaks = {r["provider"]: r["value"] for r in rows if r["metric"] == "peak_bytes"}
     assert {"torch", "bmssl-cpu"} <= set(peaks) and all(v >= 0 for v in peaks.values())
+
+
+def test_the_commit_is_dirty_for_code_changes_but_not_for_rewritten_results(tmp_path, monkeypatch):
+    """A benchmark rewriting its committed results under bench/results/ is no code change: the
+    omniglot table's second method was recorded as '-dirty' by the first one's record."""
+    import shutil
+    import subprocess
+    import sys
+
+    from bmssl.bench import common
+
+    monkeypatch.delenv("BMSSL_COMMIT", raising=False)
+    (tmp_path / "bmssl" / "bench").mkdir(parents=True)
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    shutil.copy(common.__file__, tmp_path / "bmssl" / "bench" / "common.py")
+    (tmp_path / "bench" / "results" / "r.json").write_text("{}")
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "-A"], check=True)
+    subprocess.run(git + ["commit", "-qm", "x"], check=True)
+    probe = [sys.executable, "-c", "import importlib.util as u; s = u.spec_from_file_location('c', "
+             f"{str(tmp_path / 'bmssl' / 'bench' / 'common.py')!r}); m = u.module_from_spec(s); "
+             "s.loader.exec_module(m); print(m.commit())"]
+    clean = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
+    assert len(clean) >= 7 and not clean.endswith("-dirty"), clean
+    (tmp_path / "bench" / "results" / "r.json").write_text('{"new": 1}')
+    assert subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip() == clean
+    (tmp_path / "bmssl" / "bench" / "common.py").write_text((tmp_path / "bmssl" / "bench" / "common.py").read_text()
+                                                            + "\n# a change\n")
+    assert subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip() == clean + "-dirty"

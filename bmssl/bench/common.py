@@ -191,7 +191,9 @@ def device_name(device):
 
 def commit():
     """The short commit of the checkout, with "-dirty" when tracked files differ from it (the
-    numbers then come from code that no commit holds). BMSSL_COMMIT, when set, is taken as it
+    numbers then come from code that no commit holds); bench/results/ does not count, since a
+    benchmark rewriting its own committed results is not a code change (the omniglot table's
+    second method was marked dirty by the first one's record). BMSSL_COMMIT, when set, is taken as it
     is: a copy without .git (the GPU machine's) gets it from the command that sent it there."""
     if os.environ.get("BMSSL_COMMIT"):
         return os.environ["BMSSL_COMMIT"]
@@ -202,8 +204,8 @@ def commit():
         head = out.stdout.strip()
         if not head:
             return "unknown"
-        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no",
+                                 "--", ".", ":(exclude)bench/results"], capture_output=True, text=True, timeout=10)
         return head + ("-dirty" if status.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"

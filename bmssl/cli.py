@@ -5,12 +5,14 @@ import argparse
 import os
 import platform
 import sys
+from pathlib import Path
 
 import torch
 
 import bmssl
 from bmssl import _extension, backends
 from bmssl import triton as bmssl_triton
+from bmssl.interrupt import exit_status
 
 
 def info(_args):
@@ -124,12 +126,25 @@ def _guarded(command, name):
         except (ValueError, OSError, FloatingPointError) as error:
             print(f"bmssl {name}: error: {error}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            hint = "; a run continues from its last checkpoint with --resume RUN_DIR" if name == "train" else ""
-            print(f"bmssl {name}: interrupted{hint}", file=sys.stderr)
-            return 130
+        except KeyboardInterrupt as interrupt:
+            print(f"bmssl {name}: interrupted{_resume_hint(args) if name == 'train' else ''}", file=sys.stderr)
+            return exit_status(interrupt)
 
     return run
+
+
+def _resume_hint(args) -> str:
+    """Where `bmssl train` can continue from, named: the run directory, if it holds a checkpoint."""
+    from bmssl import run_files
+
+    given = getattr(args, "out", None) or getattr(args, "resume", None)
+    if not given:
+        return ""
+    run_dir = Path(given).expanduser()
+    run_dir = run_dir.parent if run_dir.is_file() else run_dir
+    if (run_dir / run_files.CHECKPOINT_NAME).is_file():
+        return f"; continue from its last checkpoint with --resume {run_dir}"
+    return f"; {run_dir} holds no checkpoint yet, so there is nothing to resume"
 
 
 def main(argv=None):

@@ -146,6 +146,7 @@ def main(args: argparse.Namespace) -> int:
     if args.json:  # before the evaluation, not after it
         if Path(args.json).expanduser().is_dir():
             raise ValueError(f"--json {args.json} is a directory; give a file path")
+        _check_not_a_run_file(Path(args.json).expanduser(), args.checkpoint)
         run_files.writable_directory(Path(args.json).expanduser().parent, "the folder of --json")
     states = [run_files.load_checkpoint(path) for path in args.checkpoint]
     base = TrainConfig()
@@ -195,6 +196,18 @@ def main(args: argparse.Namespace) -> int:
                                          "eval_seed": base.eval_seed, "results": rows})
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
+
+
+def _check_not_a_run_file(target: Path, checkpoints) -> None:
+    """ValueError when --json would overwrite a checkpoint given to evaluate, or a run's
+    checkpoint.pt / results.json / curves.png (`--json RUN/checkpoint.pt` replaced θ)."""
+    resolved = target.resolve()
+    given = {Path(c).expanduser().resolve() for c in checkpoints}
+    given |= {c / run_files.CHECKPOINT_NAME for c in given}
+    in_a_run = resolved.name in run_files.RUN_FILES and (resolved.parent / run_files.CHECKPOINT_NAME).exists()
+    if resolved in given or in_a_run:
+        raise ValueError(f"--json {target} would overwrite a file of the run in {resolved.parent} "
+                         f"({resolved.name}); give another file name, e.g. {resolved.parent / 'eval.json'}")
 
 
 def _unique(name: str, taken: dict) -> str:

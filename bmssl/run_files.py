@@ -4,6 +4,7 @@ folder, flushed and fsynced, then os.replace), so a crash never leaves half a fi
     RUN_DIR/checkpoint.pt   the latest checkpoint (CHECKPOINT_FORMAT, see save_checkpoint)
     RUN_DIR/results.json    config, per-step metrics, few-shot results, status
     RUN_DIR/curves.png      training curves (matplotlib, Agg canvas)
+    RUN_DIR/.bmssl-lock     held (flock) by the one `bmssl train` writing the directory
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import torch
 CHECKPOINT_NAME = "checkpoint.pt"
 RESULTS_NAME = "results.json"
 CURVES_NAME = "curves.png"
+LOCK_NAME = ".bmssl-lock"
+RUN_FILES = (CHECKPOINT_NAME, RESULTS_NAME, CURVES_NAME)
 CHECKPOINT_FORMAT = "bmssl-checkpoint"
 CHECKPOINT_VERSION = 1
 CHECKPOINT_KEYS = ("format", "version", "step", "learner", "generator", "config", "history", "data")
@@ -28,19 +31,72 @@ def atomic_write(path, write) -> Path:
     """Call write(file object, binary) on a temporary file beside `path`, then move it over
     `path` in one os.replace. Returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(descriptor, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+    except BaseException as error:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError) and str(path) not in str(error):  # "[Errno 28] No space left" said no file
+            message = f"cannot write {path}: {error.strerror or error}"
+            raise (OSError(error.errno, message) if error.errno is not None else OSError(message)) from error
         raise
     return path
+
+
+class RunLock:
+    """An exclusive flock on RUN_DIR/.bmssl-lock for as long as a run writes the directory, so that
+    a second `bmssl train` with the same --out (or a second --resume of the run) is refused at
+    once: before, both ran to the end, their checkpoints alternated and one run was lost. The
+    file holds the owner's pid for the message; it stays when the lock is released, except in a
+    directory the lock made and nothing else wrote (a run that failed before its first checkpoint
+    leaves no empty directory). Where flock is unavailable, nothing is locked."""
+
+    def __init__(self, run_dir, what: str = "--out"):
+        self.path = Path(run_dir) / LOCK_NAME
+        self.what = what
+        self.handle = None
+        self.made_directory = False
+
+    def __enter__(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            return self
+        self.made_directory = not self.path.parent.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            handle.close()
+            self.made_directory = False
+            raise ValueError(f"{self.what} {self.path.parent} is in use by another bmssl train (pid {owner}); "
+                             "wait for it to end, or choose another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        if self.handle is None:
+            return
+        if self.made_directory and [p.name for p in self.path.parent.iterdir()] == [LOCK_NAME]:
+            self.path.unlink(missing_ok=True)  # while still locked
+            self.path.parent.rmdir()
+        self.handle.close()  # releases the flock
+        self.handle = None
 
 
 def writable_directory(path, what: str) -> Path:

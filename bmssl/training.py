@@ -41,6 +41,7 @@ that fails leaves the job at once, so torchrun ends the others instead of waitin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -649,24 +650,34 @@ class Run:
         self.saved_step = self.step
         self.write_results(status, plot=final)
 
-    def write_results(self, status: str, error: str | None = None, plot: bool = True):
-        """results.json; curves.png too when `plot`, or when the last plot is PLOT_EVERY_S old
-        (matplotlib takes about a second, too slow for every checkpoint of a fast run)."""
+    def write_results(self, status: str, error: str | None = None, plot: bool | None = True,
+                      at_checkpoint: bool = False):
+        """results.json; curves.png too when `plot`, or (plot False) when the last plot is
+        PLOT_EVERY_S old (matplotlib takes about a second, too slow for every checkpoint of a fast
+        run); plot None: never. at_checkpoint: the step and history of the checkpoint, not of the
+        steps done since (an abort). curves.png is derived from results.json: failing to write
+        it warns instead of failing the run (on a full disk it had hidden the checkpoint's error)."""
         if not self.world.is_main:
             return
-        payload = {"bmssl_version": bmssl.__version__, "status": status, "step": self.step,
+        step = self.saved_step if at_checkpoint else self.step
+        history = [row for row in self.history if row["step"] <= step] if at_checkpoint else self.history
+        payload = {"bmssl_version": bmssl.__version__, "status": status, "step": step,
                    "config": self.config.to_dict(), "data": self.data_record(), "world_size": self.world.size,
                    "device": str(self.device), "torch": torch.__version__, "python": platform.python_version(),
-                   "threads": torch.get_num_threads(), "history": self.history, "eval": self.evaluation,
+                   "threads": torch.get_num_threads(), "history": history, "eval": self.evaluation,
                    "eval_config": self.evaluated_with}
         if error:
             payload["error"] = error
         run_files.write_json(self.run_dir / run_files.RESULTS_NAME, payload)
-        if not plot and time.monotonic() - self.plotted_at < PLOT_EVERY_S:
+        if plot is None or (not plot and time.monotonic() - self.plotted_at < PLOT_EVERY_S):
             return
         self.plotted_at = time.monotonic()
-        run_files.plot_curves(self.run_dir / run_files.CURVES_NAME, self.history,
-                              f"{self.config.method} on {self.config.data}, step {self.step}")
+        try:
+            run_files.plot_curves(self.run_dir / run_files.CURVES_NAME, history,
+                                  f"{self.config.method} on {self.config.data}, step {step}")
+        except Exception as plot_error:  # noqa: BLE001 - matplotlib / PIL / OSError alike
+            _log(self.world, f"warning: could not write {self.run_dir / run_files.CURVES_NAME} "
+                             f"({type(plot_error).__name__}: {plot_error}); results.json holds the curves' data")
 
     def next_batch(self) -> TaskBatch:
         c = self.config
@@ -700,7 +711,32 @@ def train(config: TrainConfig, run_dir=None, resume=None, overrides: dict | None
     config.validate()
     if config.schedule_steps is None:  # fixed now, so that a later --steps keeps the schedule
         config = replace(config, schedule_steps=max(config.steps, config.warmup_steps, 1))
+    if str(run_dir).strip() == "":
+        raise ValueError("--out is empty (an unset variable?): give the run directory")
     run_dir = Path(run_dir).expanduser()
+    _check_run_directory(run_dir, state)
+    run_files.writable_directory(run_dir, "--out")
+    # rank 0 writes the directory: it holds the lock, then checks again (a run may have claimed
+    # the directory between the check above and the lock)
+    main_rank = os.environ.get("RANK", "0") == "0"
+    with run_files.RunLock(run_dir) if main_rank else contextlib.nullcontext():
+        if main_rank:
+            _check_run_directory(run_dir, state)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        world = World.from_environment(config.device)
+        failed = True
+        try:
+            result = _train(config, run_dir, state, world, show_progress)
+            failed = False
+            return result
+        finally:
+            world.close(failed=failed)
+
+
+def _check_run_directory(run_dir: Path, state) -> None:
+    """ValueError when a new run's run_dir holds a run, a resumed run's holds another, or either
+    holds results.json / curves.png without a checkpoint."""
     existing = run_dir / run_files.CHECKPOINT_NAME
     if existing.exists():
         if state is None:
@@ -716,17 +752,6 @@ def train(config: TrainConfig, run_dir=None, resume=None, overrides: dict | None
                              "it is not a run that --resume could continue, and this run would overwrite "
                              f"{'them' if len(taken) > 1 else 'it'}; choose another --out, or move "
                              f"{'them' if len(taken) > 1 else 'it'} away")
-    run_files.writable_directory(run_dir, "--out")
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    world = World.from_environment(config.device)
-    failed = True
-    try:
-        result = _train(config, run_dir, state, world, show_progress)
-        failed = False
-        return result
-    finally:
-        world.close(failed=failed)
 
 
 def merge_resume_config(saved: TrainConfig, overrides: dict, path) -> TrainConfig:
@@ -853,19 +878,23 @@ def _loop(run: Run, target: int, show_progress) -> str:
                 if run.step % config.checkpoint_every == 0 and run.step < target:
                     doing = f"the checkpoint after outer step {run.step}"
                     run.save("running")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second signal: at once, so no plot; results.json as the checkpoint
         run.write_results("interrupted", f"aborted during step {run.step + 1}; {run_files.CHECKPOINT_NAME} holds "
-                                         f"step {run.saved_step}: --resume continues from there")
+                                         f"step {run.saved_step}: --resume continues from there",
+                          plot=None, at_checkpoint=True)
         raise
     except FloatingPointError as error:  # _step's message names the step and the remedies
-        run.write_results("failed", str(error))
+        run.write_results("failed", str(error), plot=False)
         raise
     except Exception as error:
         resume = (f"the last checkpoint is step {run.saved_step} in {run.run_dir / run_files.CHECKPOINT_NAME}; "
                   f"--resume {run.run_dir} continues from there")
-        run.write_results("failed", f"{type(error).__name__} in {doing}: {error}; {resume}")
         print(f"bmssl train: rank {world.rank} failed in {doing}; {resume}" if world.size > 1
               else f"bmssl train: failed in {doing}; {resume}", file=sys.stderr, flush=True)
+        try:  # printed first: on a full disk this write fails too
+            run.write_results("failed", f"{type(error).__name__} in {doing}: {error}; {resume}", plot=False)
+        except OSError as write_error:
+            _log(world, f"warning: could not record the failure in results.json either ({write_error})")
         raise
     finally:
         bar.close()

@@ -588,3 +588,88 @@ def test_a_file_that_is_no_checkpoint_is_named_so_without_torch_or_resume_advice
         assert f"the checkpoint beside it is {run / 'checkpoint.pt'}" in err
         for advice in ("corrupt", "weights_only", "Resume", "--resume", "--out"):
             assert advice not in err.replace("bmssl train --out RUN_DIR", ""), (advice, err)
+
+
+def test_eval_json_never_overwrites_a_runs_files(folder, tmp_path, capsys):
+    """`--json RUN/checkpoint.pt` replaced the trained θ with the evaluation's JSON."""
+    run = tmp_path / "run"
+    assert bmssl("train", "--data", folder, *TINY, "--steps", 1, "--out", run, capsys=capsys)[0] == 0
+    before = {name: (run / name).read_bytes() for name in run_files.RUN_FILES}
+    for name in run_files.RUN_FILES:
+        status, out, err = bmssl("eval", "--checkpoint", run, "--settings", "2w1s", "--episodes", 2, "--queries", 3,
+                                 "--protocols", "proto", "--no-progress", "--json", run / name, capsys=capsys)
+        assert status == 2 and f"would overwrite a file of the run in {run}" in err and out == "", err
+    assert {name: (run / name).read_bytes() for name in run_files.RUN_FILES} == before
+    assert bmssl("eval", "--checkpoint", run / "checkpoint.pt", "--settings", "2w1s", "--episodes", 2, "--queries", 3,
+                 "--protocols", "proto", "--no-progress", "--json", run / "eval.json", capsys=capsys)[0] == 0
+
+
+def test_a_run_directory_in_use_is_refused_and_an_empty_out_too(folder, tmp_path, capsys):
+    """Two `bmssl train --out same` at once both ran to the end; their checkpoints alternated and
+    one run was lost. An empty --out (an unset variable) wrote the run into the current folder."""
+    run = tmp_path / "run"
+    with run_files.RunLock(run):  # another bmssl train holds it
+        status, _, err = bmssl("train", "--data", folder, *TINY, "--steps", 1, "--out", run, capsys=capsys)
+        assert status == 2 and f"--out {run} is in use by another bmssl train (pid {os.getpid()})" in err, err
+    assert not (run / run_files.CHECKPOINT_NAME).exists()
+    assert bmssl("train", "--data", folder, *TINY, "--steps", 1, "--out", run, capsys=capsys)[0] == 0
+    status, _, err = bmssl("train", "--data", folder, *TINY, "--steps", 1, "--out", "", capsys=capsys)
+    assert status == 2 and "--out is empty" in err
+
+
+def test_a_failing_plot_warns_and_a_failing_checkpoint_is_named_first(folder, tmp_path, capsys, monkeypatch):
+    """On a full disk, the final curves.png failed the command (results.json "finished", --eval
+    skipped), and in the error handler it hid the checkpoint's failure line."""
+    def no_space(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run_files, "plot_curves", no_space)
+    run = tmp_path / "run"
+    status, out, err = bmssl("train", "--data", folder, *TINY, "--steps", 2, "--out", run, "--eval",
+                             "--eval-settings", "2w1s", "--episodes", 2, "--queries", 3, "--protocols", "proto",
+                             capsys=capsys)
+    assert status == 0 and "warning: could not write" in err and "curves.png" in err, err
+    assert results(run)["status"] == "finished" and len(results(run)["eval"]) == 1
+    saved = run_files.save_checkpoint
+    calls = []
+
+    def full_after_one(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        return saved(*args, **kwargs)
+
+    monkeypatch.setattr(run_files, "save_checkpoint", full_after_one)
+    status, _, err = bmssl("train", "--data", folder, *TINY, "--steps", 4, "--checkpoint-every", 2,
+                           "--out", tmp_path / "full", capsys=capsys)
+    assert status == 2 and "failed in the checkpoint after outer step 2" in err, err
+    assert results(tmp_path / "full")["status"] == "failed"
+
+
+def test_an_abort_records_the_checkpoint_step_and_exits_with_its_signal(folder, tmp_path, capsys, monkeypatch):
+    """The second signal: results.json had the aborted step's history (ahead of the checkpoint),
+    and a second SIGTERM exited 130 like Ctrl-C; the hint named RUN_DIR literally."""
+    from bmssl import training
+    from bmssl.interrupt import Abort
+
+    step = training._step
+
+    def abort_at_three(run, bar):
+        step(run, bar)
+        if run.step == 3:
+            raise Abort(signal.SIGTERM)
+
+    monkeypatch.setattr(training, "_step", abort_at_three)
+    run = tmp_path / "run"
+    status, _, err = bmssl("train", "--data", folder, *TINY, "--steps", 5, "--checkpoint-every", 2, "--out", run,
+                           capsys=capsys)
+    assert status == 143 and f"continue from its last checkpoint with --resume {run}" in err, err
+    payload = results(run)
+    assert payload["status"] == "interrupted" and payload["step"] == 2 == run_files.load_checkpoint(run)["step"]
+    assert [row["step"] for row in payload["history"]] == [1, 2]
+
+
+def test_bench_out_that_is_a_folder_is_refused(tmp_path, capsys):
+    """`bmssl bench --out results/` wrote results.csv and results.json beside the folder."""
+    status, _, err = bmssl("bench", "ntxent", "--quick", "--out", tmp_path, capsys=capsys)
+    assert status == 2 and "is a folder; --out is a prefix" in err, err

@@ -250,6 +250,10 @@ def check_arguments(parser, args, counts, known_providers):
     unknown = [p for p in (getattr(args, "providers", None) or []) if p not in known_providers]
     if unknown:
         parser.error(f"--providers: unknown {' '.join(unknown)}; known: {' '.join(known_providers)}")
+    if args.out is not None and (Path(args.out).expanduser().is_dir() or str(args.out).endswith(("/", os.sep))):
+        # "--out results/" wrote results.csv and results.json beside the folder, not in it
+        parser.error(f"--out {args.out} is a folder; --out is a prefix of the .csv and .json files, "
+                     f"e.g. {Path(args.out) / 'run'}")
     try:
         run_files.writable_directory(output_paths(args.out)[0].parent, "the folder of --out")
     except ValueError as error:

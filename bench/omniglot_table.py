@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -263,6 +264,7 @@ def run_method(method, args, pool, images, labels, description, out_dir: Path):
     train_time = step_time = probe_time = 0.0
     steps = 0 if method == "scratch" else args.steps
     wall_start = time.perf_counter()
+    load_at_start = _load_average()
     for step in progress(range(steps), desc=f"{method} train", total=steps):
         t0 = time.perf_counter()
         batch = make_tasks(pool, args.tasks * args.ways, args.tasks, args.support_views, args.query_views,
@@ -303,6 +305,7 @@ def run_method(method, args, pool, images, labels, description, out_dir: Path):
                        "images_per_s": steps * args.tasks * args.ways / train_time if steps else None},
         "wall_s": {"train_incl_task_sampling": train_time, "learner_step_only": step_time, "probes": probe_time,
                    "train_loop_total": train_wall, "eval": eval_time},
+        "load_average_1min": {"train_start": load_at_start, "end": _load_average(), "cpus": os.cpu_count()},
         "history": history, "probes": probes, "seed": args.seed, "threads": torch.get_num_threads(),
         "versions": {"bmssl": bmssl.__version__, "torch": torch.__version__, "numpy": np.__version__,
                      "python": platform.python_version(), "platform": platform.platform()},
@@ -316,6 +319,14 @@ def run_method(method, args, pool, images, labels, description, out_dir: Path):
     tmp.replace(path)
     print(f"wrote {path}", file=sys.stderr, flush=True)
     return record
+
+
+def _load_average():
+    """The 1-minute load average (None where the OS has none): how busy the machine was."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def git_commit():
@@ -360,6 +371,18 @@ def _shared_fields(record):
         fields.update({f"budget.{k}": v for k, v in record["budget"].items()})
         fields.update({f"config.{k}": v for k, v in config.items() if k not in METHOD_FIELDS})
     return fields
+
+
+def _load_text(records) -> str:
+    """Where the throughput was measured: the CPUs and the 1-minute load averages the records
+    sampled (at each method's start and end), or "on a shared CPU" for records without them."""
+    samples = [r["load_average_1min"] for r in records.values() if r.get("load_average_1min")]
+    loads = [v for s in samples for v in (s["train_start"], s["end"]) if v is not None]
+    if not loads:
+        return "on a CPU shared with other jobs (load not recorded)"
+    cpus = {s["cpus"] for s in samples}
+    return (f"on {'/'.join(map(str, sorted(cpus)))} CPU cores, 1-minute load average {min(loads):.1f} to "
+            f"{max(loads):.1f} (sampled at each method's start and end)")
 
 
 def check_same_budget(records, out_dir: Path):
@@ -408,10 +431,11 @@ def write_table(out_dir: Path, args):
               f"- Eval: {eval_info['episodes']} episodes per setting, {eval_info['queries']} queries per class, "
               f"episode seed {eval_info['seed']} (the same episodes for every method and both protocols). "
               "proto = cosine to mean normalised support features; finetune = the engine's inner loop with "
-              f"{eval_info['finetune_steps']} step(s) (α = {eval_info['finetune_lr']}) from a zero head, CE only.",
-              "- Throughput (outer steps/s, including task sampling, excluding probes and eval) was measured on a "
-              "2-core CPU shared with other jobs (load average 4-7 during these runs), with the thread count "
-              "listed under Provenance: indicative only.",
+              f"{eval_info['finetune_steps']} step(s) (α = {eval_info['finetune_lr']}) from a zero head, CE only. "
+              "The ± covers the episodes only: each method is one training run (one seed, one commit), and "
+              "another seed or a change to the engine moves a trained row by more than its interval.",
+              "- Throughput (outer steps/s, including task sampling, excluding probes and eval) was measured "
+              f"{_load_text(records)}, with the thread count listed under Provenance: indicative only.",
               ""]
     header = "| method | " + " | ".join(f"{p} {s}" for p in PROTOCOLS for s in ("5w1s", "5w5s", "20w1s")) + \
         " | outer steps/s | train wall (s) |"

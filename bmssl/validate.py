@@ -21,6 +21,19 @@ def values_readable() -> bool:
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
+def batched_by_vmap(tensor) -> bool:
+    """True for a tensor that torch.func.vmap batches, at any level of functorch wrapping (a
+    grad-tracking tensor around a batched one too): its values cannot be read (.item() raises)."""
+    functorch = getattr(torch._C, "_functorch", None)
+    if functorch is None or not isinstance(tensor, torch.Tensor):
+        return False
+    while functorch.is_functorch_wrapped_tensor(tensor):
+        if functorch.is_batchedtensor(tensor):
+            return True
+        tensor = functorch.get_unwrapped(tensor)
+    return False
+
+
 def check_temperature(op: str, temperature) -> float | None:
     """The temperature as a float; None for a tensor whose value cannot be read here (under
     torch.compile or a CUDA graph capture), which the op then applies in the graph (its rows
@@ -122,9 +135,10 @@ def check_ntxent(z, labels, temperature, variant) -> float | None:
     if labels.device != z.device:
         raise ValueError(f"{op}: z is on {z.device} but labels are on {labels.device}")
     check_choice(op, "variant", variant, VARIANTS)
-    if not values_readable() or z.device.type == "meta":
-        # compiled or captured: the kernels check the labels instead (RuntimeError from the op:
-        # labels out of range, or an anchor with no positive); meta tensors have no values
+    if not values_readable() or z.device.type == "meta" or batched_by_vmap(labels):
+        # compiled, captured or labels batched by vmap: the kernels check the labels instead
+        # (RuntimeError from the op: labels out of range, or an anchor with no positive); meta
+        # tensors have no values
         return check_temperature(op, temperature)
     batch = z.shape[-2]
     labels = labels.long()  # torch has no min / max for uint16, uint32, uint64

@@ -60,6 +60,20 @@ def test_rect_gradcheck_and_opcheck():
     torch.library.opcheck(torch.ops.bmssl.ntxent_rect_forward.default, (u[3:6], u, labels[3:6], labels, 3, 2.0, "in"))
 
 
+def test_rect_under_torch_func_grad_matches_the_twin_and_refuses_a_second_derivative():
+    """torch.func.grad of the cpu backend raised: its backward called the raw op, whose
+    register_autograd wrapper refuses functorch transforms."""
+    z_cols = torch.randn(12, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(12) // 2
+    loss = lambda backend: lambda z: bmssl.ops.ntxent_rect(z[4:8], z, labels[4:8], labels, 4, 0.3,  # noqa: E731
+                                                             backend=backend)
+    torch.testing.assert_close(torch.func.grad(loss("cpu"))(z_cols), torch.func.grad(loss("torch"))(z_cols))
+    z = z_cols.clone().requires_grad_()
+    first, = torch.autograd.grad(loss("cpu")(z), z, create_graph=True)
+    with pytest.raises(NotImplementedError, match="second derivative of ntxent_rect"):
+        torch.autograd.grad(first.sum(), z)
+
+
 def test_rect_raw_op_is_differentiable():
     """torch.ops.bmssl.ntxent_rect_forward called directly has the backward registered: gradcheck
     on the raw op, and no 'autograd kernel was not registered' warning."""

@@ -207,6 +207,24 @@ def test_torch_func_vmap_grad_and_hvp(backend):
         torch.testing.assert_close(got(z), expected(z), atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_vmap_with_batched_labels_equals_a_loop_over_tasks(backend):
+    """Labels batched by vmap: the value checks called .item() and raised under vmap. Now they
+    are left to the kernel, as under torch.compile (RuntimeError for an anchor without a positive)."""
+    dtype = torch.float64 if backend == "cpu" else torch.float32
+    z = torch.randn(3, 8, 4, dtype=dtype)
+    labels = torch.stack([torch.arange(8) // 2, torch.arange(8) % 4, torch.arange(8) // 4])
+    loss = lambda x, y: bmssl.ntxent(x, y, 0.5, backend=backend)  # noqa: E731
+    grad = torch.func.grad(loss)
+    torch.testing.assert_close(torch.func.vmap(loss)(z, labels), torch.stack([loss(*t) for t in zip(z, labels)]))
+    torch.testing.assert_close(torch.func.vmap(grad)(z, labels), torch.stack([grad(*t) for t in zip(z, labels)]))
+    if backend == "cpu":
+        lonely = labels.clone()
+        lonely[1, 0] = 7
+        with pytest.raises(RuntimeError, match="anchor 0 of task 1 \\(label 7\\) has no positive"):
+            torch.func.vmap(loss)(z, lonely)
+
+
 def test_third_derivative_is_refused():
     z = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
     labels = torch.tensor([0, 0, 1, 1, 2, 2])

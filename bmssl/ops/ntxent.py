@@ -160,9 +160,29 @@ class NTXentRect(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_stats):
         u_rows, u_cols, labels_rows, labels_cols, stats = ctx.saved_tensors
         row_offset, inv_tau, variant, backend = ctx.args
-        grad_rows, grad_cols = RECT_OPS[backend][1](grad_loss, u_rows, u_cols, labels_rows, labels_cols,
-                                                    stats, row_offset, inv_tau, variant)
+        grad_rows, grad_cols = NTXentRectBackward.apply(grad_loss, u_rows, u_cols, labels_rows, labels_cols,
+                                                        stats, row_offset, inv_tau, variant, backend)
         return grad_rows, grad_cols, None, None, None, None, None, None
+
+
+class NTXentRectBackward(torch.autograd.Function):
+    """(grad_rows, grad_cols) = ntxent_rect_backward(...); differentiating it raises. A Function
+    with setup_context, so torch.func.grad can run it: the raw op's register_autograd wrapper
+    refused functorch transforms (torch.func.grad of ntxent_rect raised on the cpu backend)."""
+
+    @staticmethod
+    def forward(grad_loss, u_rows, u_cols, labels_rows, labels_cols, stats, row_offset, inv_tau, variant, backend):
+        return RECT_OPS[backend][1](grad_loss, u_rows, u_cols, labels_rows, labels_cols, stats, row_offset,
+                                    inv_tau, variant)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError("bmssl: the second derivative of ntxent_rect (it is once differentiable) "
+                                  "is not implemented")
 
 
 def _setup_rect_raw(ctx, inputs, output):

@@ -25,8 +25,15 @@ else
 endif
 	touch $@
 
-build: $(VENV)/.ready
+# The extension is rebuilt only when what it is built from changed (a stamp in .venv); the Python
+# files need no rebuild (an editable install).
+BUILD_INPUTS := $(shell find csrc kernels -type f 2>/dev/null) setup.py pyproject.toml CMakeLists.txt
+
+build: $(VENV)/.built
+
+$(VENV)/.built: $(VENV)/.ready $(BUILD_INPUTS)
 	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
 
 # The main job: bmssl's info, a short BMSSL run on the embedded glyphs set (alphabets held out),
 # then the few-shot table of that run against the scratch baseline.

@@ -131,8 +131,15 @@ def add_eval_command_arguments(parser: argparse.ArgumentParser) -> None:
     add(run, "progress", "show progress bars", action=argparse.BooleanOptionalAction)
 
 
+# What a None default means, for --help (it printed "without one, None")
+NONE_MEANS = {"threads": "torch's choice", "split_seed": "the training seed, 0", "widths": "resnet12's own",
+              "eval_data": "the held-out split of --data"}
+
+
 def _shown(name, defaults):
     value = getattr(defaults, name)
+    if value is None:
+        return NONE_MEANS.get(name, "none")
     return " ".join(map(str, value)) if isinstance(value, tuple) else value
 
 

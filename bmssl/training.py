@@ -1000,7 +1000,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add(run, "method", "bmssl (bootstrapped KL outer loss), metassl (query task loss), simclr (NT-Xent, no "
         "meta level) or scratch (no training: the seeded random init)", choices=METHODS)
     add(run, "steps", "outer steps of the whole run", type=int)
-    add(run, "stop_after", "stop after this many steps in this invocation (continue with --resume)", type=int)
+    add(run, "stop_after", "stop after this many steps in this invocation (continue with --resume; default: "
+                           "run to --steps)", type=int)
     add(run, "seed", "seeds the backbone, the heads, the task generator and (by default) the split", type=int)
     add(run, "device", "auto, cpu, cuda or cuda:N")
     add(run, "dtype", "parameter and image dtype", choices=tuple(DTYPES))
@@ -1022,7 +1023,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add(data, "data", DATA_HELP, metavar="SPEC")
     add(data, "eval_data", "test on all of this spec (same forms as --data) instead of a held-out split of "
         "--data, and train on all of --data (omniglot: images_background_small1); refused when a test image "
-        "is also a training image", metavar="SPEC")
+        "is also a training image (default: the held-out split)", metavar="SPEC")
     add(data, "image_size", "image side in pixels", type=int)
     add(data, "channels", "folder: data only: 1 (grayscale) or 3 (RGB)", type=int)
     add(data, "test_fraction", "fraction of the groups (alphabets) held out for testing", type=float)

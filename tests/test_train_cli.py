@@ -673,3 +673,13 @@ def test_bench_out_that_is_a_folder_is_refused(tmp_path, capsys):
     """`bmssl bench --out results/` wrote results.csv and results.json beside the folder."""
     status, _, err = bmssl("bench", "ntxent", "--quick", "--out", tmp_path, capsys=capsys)
     assert status == 2 and "is a folder; --out is a prefix" in err, err
+
+
+def test_help_texts_say_what_a_none_default_means(capsys):
+    """`bmssl eval --help` showed "(default: None)" for --threads and "without one, None" for
+    --split-seed; `bmssl bench ntxent`'s usage errors named the wrong command."""
+    for command in ("train", "eval"):
+        status, out, _ = bmssl(command, "--help", capsys=capsys)
+        assert status == 0 and "None" not in out, [line for line in out.splitlines() if "None" in line]
+    status, _, err = bmssl("bench", "ntxent", "--views", 1, capsys=capsys)
+    assert status == 2 and err.startswith("usage: bmssl bench ntxent ") and "--views must be >= 2" in err, err

@@ -89,13 +89,14 @@ def summary(results):
             medians[(r["params"], r["provider"])] = r["value"]
     peaks = {(r["params"], r["provider"]): r["value"] for r in results
              if r["mode"] == "fwd+bwd" and r["metric"] == "peak_bytes"}
-    lines = [f"{'shape':<44} {'provider':<16} {'fwd+bwd ms':>10} {'vs torch':>9} {'peak MiB':>9}"]
+    width = max([len("shape")] + [len(params) for params, _ in medians])  # the params are JSON, of any length
+    lines = [f"{'shape':<{width}} {'provider':<16} {'fwd+bwd ms':>10} {'vs torch':>9} {'peak MiB':>9}"]
     for (params, provider), value in sorted(medians.items()):
         base = medians.get((params, "torch"))
         ratio = f"{base / value:8.2f}x" if base else ""
         peak = peaks.get((params, provider))
         peak_mib = f"{peak / 2**20:9.1f}" if peak is not None else ""
-        lines.append(f"{params:<44} {provider:<16} {value:10.3f} {ratio:>9} {peak_mib:>9}")
+        lines.append(f"{params:<{width}} {provider:<16} {value:10.3f} {ratio:>9} {peak_mib:>9}")
     return "\n".join(lines)
 
 
@@ -113,7 +114,9 @@ def add_arguments(parser):
 
 
 def main(args=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    # from `bmssl bench kl_bootstrap` (a Namespace), usage errors name that command
+    parser = argparse.ArgumentParser(prog="bmssl bench kl_bootstrap" if isinstance(args, argparse.Namespace) else None,
+                                     description=__doc__)
     add_arguments(parser)
     args = parser.parse_args(args) if not isinstance(args, argparse.Namespace) else args
     device = common.bench_device(args.device, parser)

@@ -169,14 +169,15 @@ def summary(results):
     for r in results:
         if r["mode"] == "fwd+bwd" and r["metric"] in ("median_ms", "peak_bytes"):
             table.setdefault((r["params"], r["provider"]), {})[r["metric"]] = r["value"]
-    lines = [f"{'shape':<58} {'provider':<14} {'fwd+bwd ms':>10} {'speedup':>8} {'peak MiB':>9} {'mem %':>6}"]
+    width = max([len("shape")] + [len(params) for params, _ in table])  # the params are JSON, of any length
+    lines = [f"{'shape':<{width}} {'provider':<14} {'fwd+bwd ms':>10} {'speedup':>8} {'peak MiB':>9} {'mem %':>6}"]
     for (params, provider), row in sorted(table.items()):
         base = table.get((params, "torch"), {})
         speed = f"{base['median_ms'] / row['median_ms']:7.2f}x" if base.get("median_ms") else ""
         peak = row.get("peak_bytes")
         mem = f"{100 * peak / base['peak_bytes']:5.1f}%" if peak is not None and base.get("peak_bytes") else ""
         peak_mb = f"{peak / 2**20:9.1f}" if peak is not None else ""
-        lines.append(f"{params:<58} {provider:<14} {row['median_ms']:10.2f} {speed:>8} {peak_mb:>9} {mem:>6}")
+        lines.append(f"{params:<{width}} {provider:<14} {row['median_ms']:10.2f} {speed:>8} {peak_mb:>9} {mem:>6}")
     return "\n".join(lines)
 
 
@@ -199,7 +200,9 @@ def add_arguments(parser):
 
 
 def main(args=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    # from `bmssl bench ntxent` (a Namespace), usage errors name that command
+    parser = argparse.ArgumentParser(prog="bmssl bench ntxent" if isinstance(args, argparse.Namespace) else None,
+                                     description=__doc__)
     add_arguments(parser)
     args = parser.parse_args(args) if not isinstance(args, argparse.Namespace) else args
     device = common.bench_device(args.device, parser)

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 import bmssl
 from bmssl.augment import AugmentConfig
+from bmssl.bench.common import commit
 from bmssl.eval import EpisodeSampler, confidence_interval, evaluate
 from bmssl.meta import (MetaConfig, MetaLearner, check_task_batch, detached, outer_objective, plan_views,
                         task_loss, adapt_to_task)
@@ -309,7 +310,7 @@ def run_method(method, args, pool, images, labels, description, out_dir: Path):
         "history": history, "probes": probes, "seed": args.seed, "threads": torch.get_num_threads(),
         "versions": {"bmssl": bmssl.__version__, "torch": torch.__version__, "numpy": np.__version__,
                      "python": platform.python_version(), "platform": platform.platform()},
-        "commit": git_commit(), "command": " ".join(sys.argv),
+        "commit": commit(), "command": " ".join(sys.argv),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -327,12 +328,6 @@ def _load_average():
         return round(os.getloadavg()[0], 2)
     except (AttributeError, OSError):
         return None
-
-
-def git_commit():
-    from bmssl.bench.common import commit
-
-    return commit()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -711,6 +711,9 @@ def train(config: TrainConfig, run_dir=None, resume=None, overrides: dict | None
     config.validate()
     if config.schedule_steps is None:  # fixed now, so that a later --steps keeps the schedule
         config = replace(config, schedule_steps=max(config.steps, config.warmup_steps, 1))
+    if config.eval:  # what the config alone decides, before the data is read
+        check_shared_head(config, config.eval_settings, config.protocols, "this run", "--eval-settings")
+        check_finetune_steps(config, config.finetune_steps, config.protocols, "this run")
     if str(run_dir).strip() == "":
         raise ValueError("--out is empty (an unset variable?): give the run directory")
     run_dir = Path(run_dir).expanduser()
@@ -777,8 +780,6 @@ def _train(config: TrainConfig, run_dir: Path, state, world: World, show_progres
     started = time.perf_counter()
     run = Run(config, run_dir, world, show_data_progress=config.progress)
     if config.eval:
-        check_shared_head(config, config.eval_settings, config.protocols, "this run", "--eval-settings")
-        check_finetune_steps(config, config.finetune_steps, config.protocols, "this run")
         check_eval_feasible(config, run.data.test)
     if state is not None:
         run.restore(state)

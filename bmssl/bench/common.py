@@ -4,6 +4,7 @@ A row: op, provider, mode, metric, params (JSON), value, plus device, torch, tri
 Times are medians (with 20th/80th percentiles) of many repeats after warm-up; on the GPU they
 are taken with CUDA events.
 """
+import argparse
 import csv
 import io
 import json
@@ -168,6 +169,13 @@ def peak_cuda_bytes(fn, device):
     fn()
     _sync(device)
     return torch.cuda.max_memory_allocated(device) - before
+
+
+def op_parser(op, args, description):
+    """The argument parser of bench <op>'s main(args): from `bmssl bench <op>` (args already a
+    Namespace), its usage errors name that command, not `bmssl`."""
+    return argparse.ArgumentParser(prog=f"bmssl bench {op}" if isinstance(args, argparse.Namespace) else None,
+                                   description=description)
 
 
 def bench_device(name, parser):

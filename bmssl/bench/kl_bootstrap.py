@@ -114,9 +114,7 @@ def add_arguments(parser):
 
 
 def main(args=None):
-    # from `bmssl bench kl_bootstrap` (a Namespace), usage errors name that command
-    parser = argparse.ArgumentParser(prog="bmssl bench kl_bootstrap" if isinstance(args, argparse.Namespace) else None,
-                                     description=__doc__)
+    parser = common.op_parser("kl_bootstrap", args, __doc__)
     add_arguments(parser)
     args = parser.parse_args(args) if not isinstance(args, argparse.Namespace) else args
     device = common.bench_device(args.device, parser)

@@ -125,6 +125,7 @@ if _extension.loaded():
     _register_raw(*OPS["cpu"])
 
 
+RECT_SECOND_DERIVATIVE = "the second derivative of ntxent_rect (it is once differentiable)"
 RECT_SUPPORT = backends.OpSupport(name="ntxent_rect", backends=("cpu",))
 RECT_OPS = {}
 
@@ -181,8 +182,7 @@ class NTXentRectBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise NotImplementedError("bmssl: the second derivative of ntxent_rect (it is once differentiable) "
-                                  "is not implemented")
+        raise NotImplementedError(f"bmssl: {RECT_SECOND_DERIVATIVE} is not implemented")
 
 
 def _setup_rect_raw(ctx, inputs, output):
@@ -202,7 +202,7 @@ def _backward_rect_raw(ctx, grad_loss, _grad_stats):
 
 if "cpu" in RECT_OPS:
     torch.library.register_autograd(RECT_OPS["cpu"][0], _backward_rect_raw, setup_context=_setup_rect_raw)
-    register_no_derivative(RECT_OPS["cpu"][1], "the second derivative of ntxent_rect (it is once differentiable)")
+    register_no_derivative(RECT_OPS["cpu"][1], RECT_SECOND_DERIVATIVE)
 
 
 def ntxent_rect(z_rows, z_cols, labels_rows, labels_cols, row_offset, temperature=0.1, variant="in",
